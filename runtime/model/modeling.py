@@ -115,7 +115,7 @@ class LLaDA2MoeAttention(nn.Module):
         # Fold the query heads sharing one K/V head into the query axis: GQA without copying K/V.
         q = q.reshape(batch, kv_heads, (heads // kv_heads) * length, self.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
-        out = out.view(batch, heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        out = out.reshape(batch, heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         if empty_rows is not None:
             out = out.masked_fill(empty_rows, 0.0)
         return self.dense(out), (k, v)
