@@ -44,3 +44,7 @@ class GenerationError(RuntimeErrorBase):
 
 class ContextTooLongError(GenerationError):
     """The prompt plus the requested generation does not fit the model's context window."""
+
+
+class CacheError(RuntimeErrorBase):
+    """The prefix cache got an inconsistent request: bad block shape, uncached prefix, unbalanced pins."""
