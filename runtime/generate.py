@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from runtime import diffusion
 from runtime.errors import ContextTooLongError, GenerationError
+from runtime.kvcache import PrefixCache
 
 Mode = Literal["cached", "recompute"]
 
@@ -122,7 +123,7 @@ class GenerationStats:
     blocks: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    prefilled_tokens: int = 0  # prompt tokens whose K/V this generation computed
+    prefilled_tokens: int = 0  # prompt tokens in whole blocks whose K/V this generation computed
 
 
 @dataclass
@@ -286,16 +287,6 @@ class KVBuffer:
         return self._data[:, :, :, : self.length] if self.length else None
 
 
-class BlockCache(Protocol):
-    """What a generation needs from a prefix cache (implemented by `runtime.kvcache.PrefixCache`)."""
-
-    def lookup(self, ids: Sequence[int], phase: int) -> tuple[Tensor | None, int, object]: ...
-
-    def store(self, ids: Sequence[int], phase: int, cached_tokens: int, kv: Tensor) -> object: ...
-
-    def release(self, handle: object) -> None: ...
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The task
 
@@ -323,7 +314,7 @@ class GenerationTask:
         options: TextOptions | ImageOptions,
         length: int,
         mode: Mode = "cached",
-        cache: BlockCache | None = None,
+        cache: PrefixCache | None = None,
         block_length: int = 32,
         prefill_chunk: int = 2048,
         on_event: Callable[[Event], None] | None = None,
@@ -435,21 +426,31 @@ class GenerationTask:
 
     def _attach_cache(self) -> None:
         for row in self.rows:
-            reusable = self._row_block_start(row)
-            kv, matched, handle = self.cache.lookup(row.prompt[:reusable], row.phase)
-            if handle is not None:
-                row.pins.append(handle)
-            if matched:
-                row.kv.append(kv)
-                self.stats.cached_tokens += matched if row is self.rows[0] else 0
+            match = self.cache.match(row.prompt[: self._row_block_start(row)], row.phase)
+            if not match.num_tokens:
+                continue
+            self.cache.pin(match.nodes)
+            row.pins.extend(match.nodes)
+            row.kv.append(match.kv())
+            if row is self.rows[0]:
+                self.stats.cached_tokens += match.num_tokens
+
+    def _cache_blocks(self, row: _Row, start: int, kv: Tensor) -> None:
+        """Store K/V of row positions [start, start + len) — whole blocks on the row's grid — in the cache."""
+        ids = self._row_tokens(row, 0, start + kv.shape[3]).tolist()
+        edges, at = [], start
+        while at < len(ids):
+            size = row.phase if (at == 0 and row.phase) else self.block_length
+            edges.append(kv[:, :, :, at - start : at - start + size])
+            at += size
+        row.pins.extend(self.cache.insert(ids, edges, start=start, phase=row.phase, pin=True))
 
     def release(self) -> None:
         """Unpin every cache node this task holds (idempotent); call when the task ends or is cancelled."""
         if self.cache is None:
             return
         for row in self.rows:
-            for handle in row.pins:
-                self.cache.release(handle)
+            self.cache.unpin(row.pins)
             row.pins.clear()
 
     # ----- stepping
@@ -508,15 +509,13 @@ class GenerationTask:
         return events
 
     def _store_kv(self, row: _Row, kv: Tensor) -> None:
-        cached_before = row.kv.length
+        start = row.kv.length
         row.kv.append(kv)
         if row is self.rows[0]:
-            self.stats.prefilled_tokens += max(0, min(row.kv.length, self.prompt_len) - cached_before)
+            whole_prompt_blocks = (self.prompt_len // self.block_length) * self.block_length
+            self.stats.prefilled_tokens += max(0, min(row.kv.length, whole_prompt_blocks) - start)
         if self.cache is not None:
-            ids = self._row_tokens(row, 0, row.kv.length).tolist()
-            handle = self.cache.store(ids, row.phase, cached_before, kv)
-            if handle is not None:
-                row.pins.append(handle)
+            self._cache_blocks(row, start, kv)
 
     def _denoise(self, logits: list[Tensor], events: list[Event]) -> None:
         self.stats.steps += 1
@@ -600,7 +599,7 @@ def generate_text(
     options: TextOptions = TextOptions(),
     *,
     mode: Mode = "cached",
-    cache: BlockCache | None = None,
+    cache: PrefixCache | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> GenerationResult:
     """Text after `prompt_ids` (the official `generate_bd` semantics), up to a stop id or the length limit."""
@@ -617,7 +616,7 @@ def generate_image(
     options: ImageOptions = ImageOptions(),
     *,
     mode: Mode = "cached",
-    cache: BlockCache | None = None,
+    cache: PrefixCache | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> GenerationResult:
     """Exactly h*w image code ids after each branch's prompt (each ending with the image header).
