@@ -48,3 +48,19 @@ class ContextTooLongError(GenerationError):
 
 class CacheError(RuntimeErrorBase):
     """The prefix cache got an inconsistent request: bad block shape, uncached prefix, unbalanced pins."""
+
+
+class EngineBusyError(GenerationError):
+    """The engine's queue is full; retry later or raise its `max_queue`."""
+
+
+class EngineClosedError(GenerationError):
+    """The engine was closed; no more requests are taken."""
+
+
+class RequestCancelled(GenerationError):
+    """The request was cancelled before it finished."""
+
+
+class RequestTimeout(GenerationError):
+    """The request ran past its deadline and was stopped."""
