@@ -200,3 +200,24 @@ def test_folder_without_weights_is_refused(tmp_path):
     (folder / TOKENIZER_WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="no safetensors weights"):
         ImageTokenizer.from_folder(folder)
+
+
+def test_a_fixed_size_in_the_preprocessor_config_overrides_the_official_rules(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from runtime.testing.vision import write_tiny_vision_checkpoint
+    from runtime.vision.encoder import ImageTokenizer
+
+    root = write_tiny_vision_checkpoint(tmp_path)
+    official = ImageTokenizer.from_folder(root / "image_tokenizer")
+    picture = Image.new("RGB", (300, 100), "red")
+    assert official.fit(picture).size == (288, 96)  # the official understanding rule
+    pre = root / "image_tokenizer" / "preprocessor_config.json"
+    config = json.loads(pre.read_text()) if pre.is_file() else {}
+    config["size"] = {"height": 48, "width": 48}
+    pre.write_text(json.dumps(config))
+    fixed = ImageTokenizer.from_folder(root / "image_tokenizer")
+    assert fixed.fit(picture).size == fixed.fit(picture, "editing").size == (48, 48)
+    assert (fixed.encode([fixed.fit(picture)])[0].h, fixed.encode([fixed.fit(picture)])[0].w) == (3, 3)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from runtime.errors import CheckpointError, ImageInputError, MissingTensorsError
-from runtime.vision.preprocess import to_rgb
+from runtime.vision.preprocess import fit_for_editing, fit_for_understanding, resize_cover, to_rgb
 
 # The published preprocessor config normalises with mean = std = 0.5 (MODEL_SPEC §7).
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -62,6 +62,9 @@ class TokenizerConfig:
     attention_bias: bool = True
     image_mean: tuple[float, float, float] = _DEFAULT_MEAN
     image_std: tuple[float, float, float] = _DEFAULT_STD
+    # (width, height) every picture is fitted to, when preprocessor_config.json fixes one ("size": {"height",
+    # "width"}); None means the official understanding / editing rules of runtime.vision.preprocess.
+    fixed_size: tuple[int, int] | None = None
 
     @property
     def position_side(self) -> int:
@@ -102,6 +105,7 @@ class TokenizerConfig:
             attention_bias=vision.get("attention_bias", True),
             image_mean=tuple(pre.get("image_mean", _DEFAULT_MEAN)),
             image_std=tuple(pre.get("image_std", _DEFAULT_STD)),
+            fixed_size=_fixed_size(pre, pre_path),
         )
         if config.hidden_act not in _ACTIVATIONS:
             raise CheckpointError(f"{where}: unsupported hidden_act {config.hidden_act!r}")
@@ -389,6 +393,17 @@ class ImageTokenizer:
         """Pixels per grid cell side (16)."""
         return self.config.patch_size
 
+    def fit(self, img: Image.Image, purpose: str = "understanding", *, several: bool = False) -> Image.Image:
+        """Return `img` resized and center-cropped the way this tokenizer expects for `purpose`
+        ("understanding" or "editing"): the checkpoint's fixed size if it has one, else the official rules."""
+        if self.config.fixed_size is not None:
+            return resize_cover(img, *self.config.fixed_size)
+        if purpose == "editing":
+            return fit_for_editing(img)
+        if purpose == "understanding":
+            return fit_for_understanding(img, several=several)
+        raise ValueError(f"purpose must be 'understanding' or 'editing', not {purpose!r}")
+
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> list[EncodedImage]:
         """Tokenise `images` (any sizes whose sides are multiples of the patch size) in one batch.
@@ -424,3 +439,14 @@ class ImageTokenizer:
 
 def _strip_prefix(name: str) -> str:
     return name.removeprefix("model.")
+
+
+def _fixed_size(pre: dict, where: Path) -> tuple[int, int] | None:
+    size = pre.get("size")
+    if not isinstance(size, dict) or not {"height", "width"} <= size.keys():
+        return None  # the official file's size holds pixel limits, not a fixed size
+    width, height = size["width"], size["height"]
+    patch = pre.get("patch_size", 16)
+    if not all(isinstance(v, int) and v > 0 and v % patch == 0 for v in (width, height)):
+        raise CheckpointError(f"{where}: size {size} must be positive multiples of the {patch}-pixel patch")
+    return width, height

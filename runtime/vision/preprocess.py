@@ -155,15 +155,16 @@ def _check_size(width: int, height: int) -> None:
 
 def fit_for_understanding(img: Image.Image, *, several: bool = False) -> Image.Image:
     """Return an RGB copy of `img` scaled to cover and center-cropped to `understanding_size`."""
-    return _resize_cover(img, *understanding_size(*img.size, several=several))
+    return resize_cover(img, *understanding_size(*img.size, several=several))
 
 
 def fit_for_editing(img: Image.Image) -> Image.Image:
     """Return an RGB copy of `img` scaled to cover and center-cropped to `editing_size` (never padded)."""
-    return _resize_cover(img, *editing_size(*img.size))
+    return resize_cover(img, *editing_size(*img.size))
 
 
-def _resize_cover(img: Image.Image, target_w: int, target_h: int) -> Image.Image:
+def resize_cover(img: Image.Image, target_w: int, target_h: int) -> Image.Image:
+    """Return an RGB copy of `img` scaled to cover (target_w, target_h) and center-cropped to it."""
     rgb = to_rgb(img)
     # Resizing only the kept box in one call: no full-size intermediate, however extreme the aspect.
     return rgb.resize((target_w, target_h), _RESAMPLE, box=cover_box(*rgb.size, target_w, target_h))
