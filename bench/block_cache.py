@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.generate import TextOptions, VocabLayout, generate_text  # noqa: E402
-from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM  # noqa: E402
-from runtime.testing.checkpoint import random_backbone_state, tiny_backbone_config  # noqa: E402
+from runtime.generate import TextOptions, VocabLayout, generate_text
+from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from runtime.testing.checkpoint import random_backbone_state, tiny_backbone_config
 
 
 def build_model(args: argparse.Namespace) -> tuple[LLaDA2MoeModelLM, VocabLayout]:

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.engine import Engine, TextRequest  # noqa: E402
-from runtime.generate import TextOptions, VocabLayout  # noqa: E402
-from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM  # noqa: E402
-from runtime.testing.checkpoint import random_backbone_state, tiny_backbone_config  # noqa: E402
+from runtime.engine import Engine, TextRequest
+from runtime.generate import TextOptions, VocabLayout
+from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from runtime.testing.checkpoint import random_backbone_state, tiny_backbone_config
 
 TEXT_VOCAB, CODES = 4096, 512
 

@@ -25,7 +25,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from runtime.errors import EngineBusyError, EngineClosedError, GenerationError, RequestCancelled, RequestTimeout
+from runtime.errors import (
+    EngineBusyError,
+    EngineClosedError,
+    GenerationError,
+    RequestCancelled,
+    RequestTimeout,
+)
 from runtime.generate import (
     Event,
     GenerationResult,
@@ -46,7 +52,7 @@ class TextRequest:
     """Generate text after `prompt`."""
 
     prompt: list[int]
-    options: TextOptions = TextOptions()
+    options: TextOptions = field(default_factory=TextOptions)
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class ImageRequest:
 
     branches: list[list[int]]
     grid: tuple[int, int]
-    options: ImageOptions = ImageOptions()
+    options: ImageOptions = field(default_factory=ImageOptions)
 
 
 Request = TextRequest | ImageRequest
@@ -253,7 +259,7 @@ class Engine:
                 task = GenerationTask(self.model, request.branches, self.vocab, kind="image",
                                       options=request.options, length=h * w, cache=self.cache,
                                       block_length=self.block_length, prefill_chunk=self.prefill_chunk)
-        except Exception as error:  # invalid request: report it to its owner, keep serving others
+        except Exception as error:  # noqa: BLE001 - an invalid request fails alone; the engine serves on
             self.stats.failed += 1
             handle._post(_End(error))
             return
@@ -282,7 +288,7 @@ class Engine:
         rows = [row for running in group for row in running.inputs]
         try:
             outputs = forward_rows(self.model, rows, self.block_length)
-        except Exception as error:  # a broken forward fails the requests in it, not the engine
+        except Exception as error:  # noqa: BLE001 - a broken forward fails its requests, not the engine
             for running in group:
                 self._drop(running, GenerationError(f"model forward failed: {error!r}"))
             return
@@ -295,7 +301,7 @@ class Engine:
             try:
                 for event in running.task.advance(mine):
                     running.handle._post(event)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - a failing task ends alone
                 self._drop(running, error)
                 continue
             if running.task.done:

@@ -7,7 +7,15 @@ import torch
 
 from runtime.engine import Engine, ImageRequest, TextRequest
 from runtime.errors import EngineBusyError, EngineClosedError, GenerationError, RequestCancelled
-from runtime.generate import BlockDone, ImageOptions, StepDone, TextOptions, VocabLayout, generate_image, generate_text
+from runtime.generate import (
+    BlockDone,
+    ImageOptions,
+    StepDone,
+    TextOptions,
+    VocabLayout,
+    generate_image,
+    generate_text,
+)
 from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from runtime.testing.checkpoint import TINY_IMAGE_CODES, TINY_TEXT_VOCAB, tiny_backbone_config
 

@@ -1,5 +1,7 @@
 """Block-diffusion generation: the cached engine agrees with the recompute-everything baseline."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -11,9 +13,9 @@ from runtime.generate import (
     StepDone,
     TextOptions,
     VocabLayout,
+    forward_rows,
     generate_image,
     generate_text,
-    forward_rows,
     run_task,
 )
 from runtime.kvcache import PrefixCache
@@ -141,7 +143,7 @@ def test_image_larger_than_1088_codes_is_generated_whole(model):
     assert all(t in VOCAB.image_ids for t in result.ids)
     progress = [e for e in events if isinstance(e, StepDone)]
     assert progress[-1].committed == progress[-1].total == 34 * 33
-    assert all(a.committed < b.committed for a, b in zip(progress, progress[1:]))
+    assert all(a.committed < b.committed for a, b in itertools.pairwise(progress))
 
 
 def test_prompt_that_fills_the_context_is_refused(model):
