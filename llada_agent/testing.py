@@ -10,6 +10,8 @@ sessions, events and grammar handling. For outputs that mean something, load the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +29,76 @@ def write_tiny_model(root: str | Path, *, seed: int = 0, vision: bool = True, **
 
         write_tiny_vision_checkpoint(root, seed=seed, num_codes=TINY_IMAGE_CODES)
     return root
+
+
+class _ScriptedHandle:
+    """A finished text request whose ids were written by a test, not the model (see `scripted_text`)."""
+
+    def __init__(self, request: Any, written: list[int], eos_id: int):
+        from runtime.generate import GenerationResult, GenerationStats
+
+        stops = request.options.stop_ids
+        stops = stops if stops is not None else frozenset({eos_id})
+        cut = next((i for i, t in enumerate(written) if t in stops), None)
+        limit = request.options.max_new_tokens
+        if cut is not None and cut < limit:
+            ids, reason, stop_id = written[:cut], "stop", written[cut]
+        else:
+            ids, reason, stop_id = written[:limit], "length", None
+        self.request = request
+        self._result = GenerationResult(ids, reason, stop_id, GenerationStats(prompt_tokens=len(request.prompt)))
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __aiter__(self) -> Any:
+        return self.events()
+
+    async def events(self) -> Any:
+        from runtime.generate import BlockDone
+
+        if self._result.ids:
+            yield BlockDone(tuple(self._result.ids))
+
+    async def result(self) -> Any:
+        return self._result
+
+
+class ScriptedText:
+    """A model's engine whose text requests return scripted ids (image requests and vision work run for
+    real): drives sessions through exactly the outputs a test wants, well-formed or not.
+
+    Each script entry is what the model "writes": ids, usually ending with a stop id (end-of-text, or
+    `<boi>` for a thinking or story phase). `requests` records the text requests made."""
+
+    def __init__(self, engine: Any, outputs: list[list[int]], eos_id: int):
+        self._engine = engine
+        self._outputs = list(outputs)
+        self._eos = eos_id
+        self.requests: list[Any] = []
+
+    def submit(self, request: Any, *, timeout: float | None = None) -> Any:
+        from runtime.engine import TextRequest
+
+        if not isinstance(request, TextRequest):
+            return self._engine.submit(request, timeout=timeout)
+        if not self._outputs:
+            raise AssertionError("the script has no output left for this text request")
+        self.requests.append(request)
+        return _ScriptedHandle(request, self._outputs.pop(0), self._eos)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@contextmanager
+def scripted_text(model: Any, outputs: list[list[int]]) -> Iterator[ScriptedText]:
+    """Within the block, `model`'s text requests return `outputs` in order (see `ScriptedText`)."""
+    real = model._engine
+    scripted = ScriptedText(real, outputs, model.codec.special.eos)
+    model._engine = scripted
+    try:
+        yield scripted
+    finally:
+        model._engine = real
