@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from .prompts import ChatIds, chat_ids
 from .schemas import CacheInfo, DecoderMode, ImagePart, Task
 
 ImagePurpose = Literal["understanding", "editing"]
+logger = logging.getLogger("llada_agent")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -117,6 +119,7 @@ class Model:
         pieces, refused = chat_ids(codec, root)
         if refused:
             self.warnings.append(refused)
+            logger.warning(refused)
         self.root: Path = root
         self.backbone = backbone
         self.codec = codec
@@ -207,14 +210,10 @@ class Model:
         return out
 
     def _encode_sync(self, pngs: list[bytes], purpose: ImagePurpose, several: bool) -> list[ImagePart]:
-        from runtime.vision.preprocess import fit_for_editing, fit_for_understanding, load_image
+        from runtime.vision.preprocess import load_image
 
         tokenizer = self._vision_component("tokenizer")
-        pictures = []
-        for png in pngs:
-            picture = load_image(png)
-            pictures.append(fit_for_editing(picture) if purpose == "editing"
-                            else fit_for_understanding(picture, several=several))
+        pictures = [tokenizer.fit(load_image(png), purpose, several=several) for png in pngs]
         results = tokenizer.encode(pictures)
         parts = []
         for picture, result in zip(pictures, results):

@@ -171,12 +171,19 @@ class ChatTemplate:
     def compile(self, codec: TokenCodec, *, source: str) -> ChatIds:
         """The pieces as ids of `codec`'s checkpoint."""
         pieces = self.pieces()
+
+        def ids(text: str) -> tuple[int, ...]:
+            # The end-of-text token is the id generation stops at, whatever its string tokenises to.
+            if text == self.eos_token:
+                return (codec.special.eos,)
+            return tuple(codec.encode_markup(text))
+
         return ChatIds(
-            system_open=tuple(codec.encode_markup(pieces.system_open)),
-            user_after_system=tuple(codec.encode_markup(pieces.user_after_system)),
-            assistant_open=tuple(codec.encode_markup(pieces.assistant_open)),
-            assistant_close=tuple(codec.encode_markup(pieces.assistant_close)),
-            user_after_assistant=tuple(codec.encode_markup(pieces.user_after_assistant)),
+            system_open=ids(pieces.system_open),
+            user_after_system=ids(pieces.user_after_system),
+            assistant_open=ids(pieces.assistant_open),
+            assistant_close=ids(pieces.assistant_close),
+            user_after_assistant=ids(pieces.user_after_assistant),
             source=source,
         )
 

@@ -221,7 +221,7 @@ class Session:
 
     def _part_ids(self, part: Any) -> list[int]:
         codec = self.model.codec
-        if isinstance(part, TextPart):
+        if isinstance(part, (TextPart, ThinkingPart)):
             return codec.encode_text(part.text)
         if part.codes is None:
             raise InvalidInputError("an image part reached the prompt without codes")
@@ -235,6 +235,34 @@ class Session:
             self._ids += turn.ids
 
     # ----- branching, saving, loading
+
+    @classmethod
+    async def from_messages(cls, model: Model, messages: Sequence[Message], *, mode: Task = "chat") -> Session:
+        """A session continuing a conversation given as messages (e.g. an OpenAI-style request's history).
+
+        An optional system message comes first, then user/assistant pairs. Text, assistant text included,
+        is tokenised as text (it did not come from this session, so there are no generated ids to keep);
+        images without codes are read by the image tokenizer. Send the next user message with `send()`."""
+        messages = list(messages)
+        system = None
+        if messages and messages[0].role == "system":
+            system = messages.pop(0).text
+        roles = [m.role for m in messages]
+        if roles != ["user", "assistant"] * (len(messages) // 2):
+            raise InvalidInputError(f"after the system message, messages must be user/assistant pairs; got {roles}")
+        session = cls(model, mode=mode, system=system)
+        for user, assistant in zip(messages[::2], messages[1::2]):
+            user_parts = await _read_images(model, user.parts)
+            assistant_parts = await _read_images(model, assistant.parts)
+            user_ids = session._user_turn_ids(user_parts)
+            content = [t for part in assistant_parts for t in session._part_ids(part)]
+            chat = model.chat
+            assistant_ids = list(chat.assistant_open) + content + list(chat.assistant_close)
+            for message, ids in ((Message(role="user", parts=user_parts), user_ids),
+                                 (Message(role="assistant", parts=assistant_parts), assistant_ids)):
+                session._turns.append(_Turn(message, tuple(ids)))
+                session._ids += ids
+        return session
 
     def fork(self) -> Session:
         """A new session with this one's history (completed turns); both share the cached prefix."""
@@ -389,6 +417,14 @@ def _user_parts(content: Content) -> list[Any]:
         else:
             parts.append(ImagePart.open(item))
     return parts
+
+
+async def _read_images(model: Model, parts: Sequence[Any]) -> list[Any]:
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    if not images:
+        return list(parts)
+    encoded = iter(await model.encode_images(images))
+    return [next(encoded) if isinstance(p, ImagePart) else p for p in parts]
 
 
 def _revalidate(options: Any, **changes: Any) -> Any:

@@ -231,3 +231,17 @@ def test_a_closed_model_refuses_new_sessions(root):
     model = llada_agent.load(root)
     with pytest.raises(llada_agent.ModelClosed):
         model.session()
+
+
+def test_a_session_from_messages_has_the_ids_of_the_same_conversation(model):
+    from llada_agent import Message, TextPart
+
+    messages = [Message(role="system", parts=[TextPart(text="given")]),
+                Message(role="user", parts=[TextPart(text="hi"), ImagePart(grid=(1, 2), codes=[3, 4])]),
+                Message(role="assistant", parts=[TextPart(text="hello there")])]
+    session = run(llada_agent.Session.from_messages(model, messages))
+    turns = [Turn(HUMAN, ("hi", ImageCodes(1, 2, (3, 4)))), Turn(ASSISTANT, ("hello there",))]
+    fmt = model.format
+    assert session.ids == fmt.prompt("given", turns)[: -len(fmt.marker(ASSISTANT))]
+    assert session.messages == messages
+    assert run(session.ask("more?", options=TEXT)).finish_reason in ("stop", "length", "malformed")
