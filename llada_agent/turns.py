@@ -29,7 +29,7 @@ from runtime.engine import ImageRequest, TextRequest
 from runtime.tokens import TokenCodec
 
 from . import prompts
-from .errors import Cancelled, ContextLengthError, ImageError, InvalidInputError, wrap
+from .errors import Cancelled, ContextLengthError, ImageError, InvalidInputError, LLaDAError, wrap
 from .hooks import (
     Accept,
     Approve,
@@ -353,23 +353,30 @@ class TurnRunner:
 
         decoding = asyncio.ensure_future(self.model.decode_image(
             part, mode=options.decoder_mode, steps=options.decoder_steps, seed=options.seed, progress=progress))
+        getter: asyncio.Future[tuple[int, int]] | None = None
         try:
-            while True:
-                getter = asyncio.ensure_future(steps.get())
-                done, _ = await asyncio.wait({getter, decoding}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
+            # Progress steps are queued before the decoding ends, so all of them are emitted before the end.
+            while not (decoding.done() and steps.empty() and getter is None):
+                if getter is None:
+                    getter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({getter, decoding}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
                     step, total = getter.result()
+                    getter = None
                     await self.emit(ImageDecodeProgress(index=index, step=step, total=total))
-                    continue
-                getter.cancel()
-                break
-            while not steps.empty():
-                step, total = steps.get_nowait()
-                await self.emit(ImageDecodeProgress(index=index, step=step, total=total))
+                elif decoding.done() and steps.empty():
+                    break
             decoded = decoding.result()
+        except Cancelled:
+            raise
+        except LLaDAError as exc:
+            # The codes are what the model wrote and stay valid; only the picture is missing.
+            self.progress.warnings.append(f"image {index} was not decoded: {exc}")
+            return
         finally:
-            if not decoding.done():
-                decoding.cancel()
+            for pending in (getter, decoding):
+                if pending is not None and not pending.done():
+                    pending.cancel()
         self._decoded[id(part)] = decoded
         await self.emit(ImageDecoded(index=index, image=decoded))
 

@@ -132,3 +132,10 @@ def test_an_image_request_beyond_the_context_is_a_typed_error(model):
     with pytest.raises(llada_agent.ContextLengthError):
         run(session.draw("huge", grid=(40, 40), options=ImageOptions(steps=1, decode=False)))
     assert len(session.messages) == 1
+
+
+def test_a_picture_that_cannot_be_decoded_keeps_its_codes_with_a_warning(model):
+    # This checkpoint has no decoder: the codes stay valid and the turn completes.
+    reply = run(model.session(mode="draw").draw("a circle", grid=(1, 2), options=ImageOptions(steps=1)))
+    assert reply.image.codes is not None and not reply.image.decoded
+    assert any("not decoded" in warning for warning in reply.warnings)

@@ -1,0 +1,300 @@
+"""`llada-agent`: the command line — demo, chat, ask, draw, edit, story.
+
+Every command takes `--model` (default "tiny": the bundled model, runs on any CPU; or a checkpoint folder in
+the official layout, or a Hub id) and `--device` / `--dtype`. Long work shows progress on stderr; answers
+go to stdout; pictures and pages are written where `--out` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import load
+from .errors import LLaDAError
+from .html import write_page
+from .schemas import (
+    EditOptions,
+    ErrorEvent,
+    ImageDecodeProgress,
+    ImageOptions,
+    ImagePart,
+    ImageProgress,
+    ImageStarted,
+    Reply,
+    StoryOptions,
+    TextBlock,
+    ThinkingBlock,
+    ThinkOptions,
+    TurnDone,
+)
+from .session import Session
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when stderr is not a terminal and `quiet`)."""
+
+    def __init__(self, stream: Any = sys.stderr):
+        self.stream = stream
+        self.active = False
+
+    def show(self, label: str, done: int, total: int) -> None:
+        width = 28
+        filled = width * done // max(total, 1)
+        self.stream.write(f"\r  {label:<16} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        self.stream.flush()
+        self.active = True
+
+    def end(self) -> None:
+        if self.active:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.active = False
+
+
+async def run_turn(session: Session, content: Any, *, task: str, options: Any = None, echo: bool = True) -> Reply:
+    """Run one turn, streaming text to stdout and image progress to stderr; returns the reply."""
+    progress = Progress()
+    reply = None
+    async with session.stream(content, task=task, options=options) as events:
+        async for event in events:
+            if isinstance(event, ThinkingBlock) and echo:
+                progress.end()
+                print(f"\033[2m{event.text}\033[0m", end="", flush=True)
+            elif isinstance(event, TextBlock) and echo:
+                progress.end()
+                print(event.text, end="", flush=True)
+            elif isinstance(event, ImageStarted):
+                progress.end()
+                progress.show("drawing", 0, event.grid[0] * event.grid[1])
+            elif isinstance(event, ImageProgress):
+                progress.show("drawing", event.committed, event.total)
+            elif isinstance(event, ImageDecodeProgress):
+                progress.show("decoding", event.step, event.total)
+            elif isinstance(event, ErrorEvent):
+                progress.end()
+            elif isinstance(event, TurnDone):
+                reply = event.reply
+    progress.end()
+    if echo and reply is not None and reply.text:
+        print()
+    assert reply is not None
+    return reply
+
+
+def save_images(reply: Reply, out: Path, stem: str) -> list[Path]:
+    paths = []
+    for i, image in enumerate(reply.images):
+        if image.png is not None:
+            suffix = f"-{i + 1}" if len(reply.images) > 1 else ""
+            paths.append(image.save(out / f"{stem}{suffix}.png"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+async def cmd_demo(args: argparse.Namespace) -> None:
+    from runtime.tiny.world import Scene, Shape, render
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    entries: list[tuple[str, list[ImagePart], Reply]] = []
+    async with _load(args) as model:
+        print(f"model: {model.source} on {model.device} ({str(model.dtype).removeprefix('torch.')})")
+        scene = Scene.of(Shape("circle", "red", "top-left"), Shape("square", "blue", "center"))
+        picture = ImagePart.from_pil(render(scene, 128))
+
+        print("\n1. visual chat — the user shows a picture and asks about it")
+        chat = model.session(mode="chat")
+        for question in ("what color is the circle?", "where is the blue square?"):
+            print(f"   user: {question}\n   model: ", end="")
+            reply = await run_turn(chat, [picture, question], task="chat")
+            entries.append((question, [picture], reply))
+        print(f"   (second question reused {reply.usage.cached_tokens} cached prompt tokens)")
+
+        print("\n2. thinking-mode drawing — a riddle needs a plan before the picture")
+        riddle = "draw a shape that is round in the color of the sky at the center."
+        print(f"   user: {riddle}\n   model thinks: ", end="")
+        think = model.session(mode="think")
+        reply = await run_turn(think, riddle, task="think", options=ThinkOptions(image=_image_options(args)))
+        entries.append((riddle, [], reply))
+        _report_images(reply, out, "riddle")
+
+        print("\n3. editing — change the picture from step 1")
+        instruction = "make the red circle green."
+        print(f"   user: {instruction}")
+        edit = model.session(mode="edit")
+        reply = await run_turn(edit, [picture, instruction], task="edit", options=_edit_options(args))
+        entries.append((instruction, [picture], reply))
+        _report_images(reply, out, "edit")
+
+        print("\n4. an interleaved story")
+        prompt = "tell a story in 3 frames about a red circle."
+        print(f"   user: {prompt}\n   model: ", end="")
+        story = model.session(mode="story")
+        reply = await run_turn(story, prompt, task="story", options=StoryOptions(max_frames=3))
+        entries.append((prompt, [], reply))
+        _report_images(reply, out, "story")
+
+    page = write_page(out / "demo.html", "llada-agent demo", entries)
+    print(f"\nwrote {page} with every picture ({time.perf_counter() - started:.0f} s in all)")
+
+
+async def cmd_ask(args: argparse.Namespace) -> None:
+    async with _load(args) as model:
+        session = model.session(mode="chat")
+        images = [ImagePart.open(path) for path in args.image]
+        await run_turn(session, [*images, args.question], task="chat")
+
+
+async def cmd_draw(args: argparse.Namespace) -> None:
+    async with _load(args) as model:
+        if args.thinking:
+            session = model.session(mode="think")
+            reply = await run_turn(session, args.prompt, task="think",
+                                   options=ThinkOptions(image=_image_options(args)))
+        else:
+            session = model.session(mode="draw")
+            reply = await run_turn(session, args.prompt, task="draw", options=_image_options(args))
+        _report_images(reply, Path(args.out), "draw")
+
+
+async def cmd_edit(args: argparse.Namespace) -> None:
+    async with _load(args) as model:
+        session = model.session(mode="edit")
+        images = [ImagePart.open(path) for path in args.image]
+        reply = await run_turn(session, [*images, args.instruction], task="edit", options=_edit_options(args))
+        _report_images(reply, Path(args.out), "edit")
+
+
+async def cmd_story(args: argparse.Namespace) -> None:
+    async with _load(args) as model:
+        session = model.session(mode="story")
+        reply = await run_turn(session, args.prompt, task="story", options=StoryOptions(max_frames=args.frames))
+        page = write_page(Path(args.out) / "story.html", args.prompt, [(args.prompt, [], reply)])
+        print(f"wrote {page}")
+
+
+async def cmd_chat(args: argparse.Namespace) -> None:
+    print("Chat with the model. Type a message; '/image PATH' attaches a picture to the next message, "
+          "'/draw PROMPT' draws, '/edit INSTRUCTION' edits the last picture, '/quit' leaves.")
+    out = Path(args.out)
+    async with _load(args) as model:
+        session = model.session(mode="chat")
+        pending: list[ImagePart] = []
+        drawn = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            line = (await loop.run_in_executor(None, _read_line, "you> ")).strip()
+            if line in ("", "/quit", "/exit"):
+                if line:
+                    break
+                continue
+            try:
+                if line.startswith("/image "):
+                    pending.append(ImagePart.open(line.removeprefix("/image ").strip()))
+                    print(f"   attached ({len(pending)} picture(s) for the next message)")
+                    continue
+                if line.startswith(("/draw ", "/edit ")):
+                    task = "draw" if line.startswith("/draw ") else "edit"
+                    reply = await run_turn(session, [*pending, line[6:]], task=task)
+                    drawn += 1
+                    _report_images(reply, out, f"chat-{drawn}")
+                else:
+                    print("model> ", end="")
+                    await run_turn(session, [*pending, line], task="chat")
+                pending = []
+            except LLaDAError as error:
+                print(f"   error: {error}")
+
+
+def _read_line(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:
+        return "/quit"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plumbing
+
+
+def _load(args: argparse.Namespace):
+    return load(args.model, device=args.device, dtype=args.dtype, decoder_mode=args.decoder)
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(**({"steps": args.steps} if args.steps else {}), seed=args.seed,
+                        **({"size": (args.size, args.size)} if getattr(args, "size", None) else {}))
+
+
+def _edit_options(args: argparse.Namespace) -> EditOptions:
+    return EditOptions(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
+
+
+def _report_images(reply: Reply, out: Path, stem: str) -> None:
+    if reply.thinking is not None and not reply.thinking.endswith("\n"):
+        print()
+    paths = save_images(reply, out, stem)
+    for path in paths:
+        print(f"   picture -> {path}")
+    if not paths:
+        print(f"   ({len(reply.images)} picture(s), not decoded; finish: {reply.finish_reason})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llada-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="tiny", help='"tiny", a checkpoint folder, or a Hub id')
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    common.add_argument("--decoder", default="normal", choices=["normal", "turbo"], help="image decoder")
+    common.add_argument("--steps", type=int, default=None, help="denoising steps per block for pictures")
+    common.add_argument("--seed", type=int, default=None)
+    common.add_argument("--out", default="out", help="folder for pictures and pages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("demo", parents=[common], help="a minute-long tour: chat, thinking draw, edit, story")
+    commands.add_parser("chat", parents=[common], help="an interactive chat with pictures")
+    ask = commands.add_parser("ask", parents=[common], help="ask a question about one or more pictures")
+    ask.add_argument("question")
+    ask.add_argument("image", nargs="*")
+    draw = commands.add_parser("draw", parents=[common], help="draw a picture")
+    draw.add_argument("prompt")
+    draw.add_argument("--thinking", action="store_true", help="plan in words first, then draw")
+    draw.add_argument("--size", type=int, default=None, help="square size in pixels (multiple of 32)")
+    edit = commands.add_parser("edit", parents=[common], help="edit a picture")
+    edit.add_argument("instruction")
+    edit.add_argument("image", nargs="+")
+    story = commands.add_parser("story", parents=[common], help="write an illustrated story (HTML page)")
+    story.add_argument("prompt")
+    story.add_argument("--frames", type=int, default=4)
+    return parser
+
+
+COMMANDS = {"demo": cmd_demo, "chat": cmd_chat, "ask": cmd_ask, "draw": cmd_draw, "edit": cmd_edit,
+            "story": cmd_story}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(COMMANDS[args.command](args))
+    except LLaDAError as error:
+        print(f"llada-agent: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
