@@ -524,6 +524,8 @@ class GenerationTask:
         guided = self._guide(logits)
         guided = diffusion.constrain_vocab(guided, self._allowed)
         guided = diffusion.forbid_ids(guided, self._forbidden)
+        # MASK is the absence of a token: committing it would leave the position masked forever.
+        guided = diffusion.forbid_ids(guided, range(self.vocab.mask_id, self.vocab.mask_id + 1))
         opts = self.options
         tokens, confidence = diffusion.propose(guided, opts.temperature, opts.top_k, opts.top_p, self.generator)
         count = self.schedule[min(self.step_in_block, len(self.schedule) - 1)]

@@ -205,3 +205,20 @@ def test_guidance_branches_share_the_cache_exactly(model):
     assert warm.stats.cached_tokens == 64 and warm.stats.prefilled_tokens == 0
     # The unconditional branch (phase (21 - 70) % 32 = 15) is cached on its own grid: 15 tokens, then nothing whole.
     assert cache.cached_tokens(uncond_prompt(21), phase=15) == 15
+
+
+def test_the_mask_token_is_never_committed_even_when_the_model_prefers_it(model):
+    # A head that favours MASK everywhere must still produce real tokens (else the block never finishes).
+    biased = LLaDA2MoeModelLM(model.config).eval()
+    biased.load_state_dict(model.state_dict())
+    plain_forward = biased.forward
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        if out.logits is not None:
+            out.logits[..., VOCAB.mask_id] = 1e4
+        return out
+
+    biased.forward = forward
+    result = generate_text(biased, prompt(20), VOCAB, TextOptions(max_new_tokens=40, steps=8, stop_ids=frozenset()))
+    assert len(result.ids) == 40 and VOCAB.mask_id not in result.ids
