@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import llada_agent  # noqa: E402
-from llada_agent import ImagePart, Message, Session, TextOptions  # noqa: E402
-from runtime.testing.checkpoint import write_tiny_checkpoint  # noqa: E402
-from runtime.testing.vision import write_tiny_vision_checkpoint  # noqa: E402
+import llada_agent
+from llada_agent import ImagePart, Message, Session, TextOptions
+from runtime.testing.checkpoint import write_tiny_checkpoint
+from runtime.testing.vision import write_tiny_vision_checkpoint
 
 QUESTIONS = [
     "What is in this picture?", "Describe the colours you see.", "Here is another one. What changed?",
