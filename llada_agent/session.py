@@ -43,7 +43,8 @@ from .schemas import (
     ThinkOptions,
     TurnRecord,
 )
-from .turns import TurnRunner, assistant_parts_match
+from .spans import assistant_parts_match
+from .turns import TurnRunner
 
 if TYPE_CHECKING:
     from .model import Model

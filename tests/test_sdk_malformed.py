@@ -7,8 +7,8 @@ import pytest
 import llada_agent
 from llada_agent import ImageOptions, StoryOptions, TextOptions, ThinkOptions
 from llada_agent.schemas import ImagePart, TextPart
+from llada_agent.spans import assistant_parts_match, read_headed_text, read_text
 from llada_agent.testing import scripted_text, write_tiny_model
-from llada_agent.turns import assistant_parts_match, read_headed_text, read_text
 
 
 def run(coro):

@@ -7,8 +7,8 @@ from PIL import Image
 
 import llada_agent
 from llada_agent import Busy, Cancelled, EditOptions, ImageOptions, ImagePart, TextOptions
+from llada_agent.spans import read_text
 from llada_agent.testing import write_tiny_model
-from llada_agent.turns import read_text
 from runtime import generate as rt
 from runtime.conversation import ASSISTANT, HUMAN, ImageCodes, Turn
 
