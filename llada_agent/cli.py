@@ -29,6 +29,7 @@ from .schemas import (
     Reply,
     StoryOptions,
     TextBlock,
+    TextOptions,
     ThinkingBlock,
     ThinkOptions,
     TurnDone,
@@ -115,7 +116,7 @@ async def cmd_demo(args: argparse.Namespace) -> None:
         chat = model.session(mode="chat")
         for question in ("what color is the circle?", "where is the blue square?"):
             print(f"   user: {question}\n   model: ", end="")
-            reply = await run_turn(chat, [picture, question], task="chat")
+            reply = await run_turn(chat, [picture, question], task="chat", options=_text_options(args))
             entries.append((question, [picture], reply))
         print(f"   (second question reused {reply.usage.cached_tokens} cached prompt tokens)")
 
@@ -139,7 +140,7 @@ async def cmd_demo(args: argparse.Namespace) -> None:
         prompt = "tell a story in 3 frames about a red circle."
         print(f"   user: {prompt}\n   model: ", end="")
         story = model.session(mode="story")
-        reply = await run_turn(story, prompt, task="story", options=StoryOptions(max_frames=3))
+        reply = await run_turn(story, prompt, task="story", options=_story_options(args, 3))
         entries.append((prompt, [], reply))
         _report_images(reply, out, "story")
 
@@ -151,7 +152,7 @@ async def cmd_ask(args: argparse.Namespace) -> None:
     async with _load(args) as model:
         session = model.session(mode="chat")
         images = [ImagePart.open(path) for path in args.image]
-        await run_turn(session, [*images, args.question], task="chat")
+        await run_turn(session, [*images, args.question], task="chat", options=_text_options(args))
 
 
 async def cmd_draw(args: argparse.Namespace) -> None:
@@ -177,7 +178,7 @@ async def cmd_edit(args: argparse.Namespace) -> None:
 async def cmd_story(args: argparse.Namespace) -> None:
     async with _load(args) as model:
         session = model.session(mode="story")
-        reply = await run_turn(session, args.prompt, task="story", options=StoryOptions(max_frames=args.frames))
+        reply = await run_turn(session, args.prompt, task="story", options=_story_options(args, args.frames))
         page = write_page(Path(args.out) / "story.html", args.prompt, [(args.prompt, [], reply)])
         print(f"wrote {page}")
 
@@ -209,7 +210,7 @@ async def cmd_chat(args: argparse.Namespace) -> None:
                     _report_images(reply, out, f"chat-{drawn}")
                 else:
                     print("model> ", end="")
-                    await run_turn(session, [*pending, line], task="chat")
+                    await run_turn(session, [*pending, line], task="chat", options=_text_options(args))
                 pending = []
             except LLaDAError as error:
                 print(f"   error: {error}")
@@ -230,9 +231,18 @@ def _load(args: argparse.Namespace):
     return load(args.model, device=args.device, dtype=args.dtype, decoder_mode=args.decoder)
 
 
+def _text_options(args: argparse.Namespace) -> TextOptions | None:
+    return TextOptions(max_tokens=args.max_tokens) if args.max_tokens else None
+
+
 def _image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(**({"steps": args.steps} if args.steps else {}), seed=args.seed,
                         **({"size": (args.size, args.size)} if getattr(args, "size", None) else {}))
+
+
+def _story_options(args: argparse.Namespace, frames: int) -> StoryOptions:
+    text = {"text": TextOptions(max_tokens=args.max_tokens)} if args.max_tokens else {}
+    return StoryOptions(max_frames=frames, **text)
 
 
 def _edit_options(args: argparse.Namespace) -> EditOptions:
@@ -258,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     common.add_argument("--decoder", default="normal", choices=["normal", "turbo"], help="image decoder")
     common.add_argument("--steps", type=int, default=None, help="denoising steps per block for pictures")
+    common.add_argument("--max-tokens", type=int, default=None, help="most tokens of text per answer")
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--out", default="out", help="folder for pictures and pages")
     commands = parser.add_subparsers(dest="command", required=True)
