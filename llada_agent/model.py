@@ -127,6 +127,7 @@ class Model:
         self.chat: ChatIds = pieces
         self.vocab = vocab_layout(codec)
         self.context_length: int = int(getattr(backbone.config, "max_position_embeddings", 8192))
+        self._native_grid = _native_grid(root)
         self.fingerprint = _fingerprint(root)
         self._engine = Engine(backbone, self.vocab, **self._engine_args)
 
@@ -167,7 +168,10 @@ class Model:
 
     @property
     def default_grid(self) -> tuple[int, int]:
-        """The grid drawn when none is asked for: 32x32 (1024 px) when the context allows, else smaller."""
+        """The grid drawn when none is asked for: the checkpoint's own picture grid when its image tokenizer
+        fixes one (the bundled tiny model), else 32x32 (1024 px) when the context allows, else smaller."""
+        if self._native_grid is not None:
+            return self._native_grid
         side = 32
         while side > 1 and side * side * 4 > self.context_length:
             side //= 2
@@ -266,6 +270,20 @@ class Model:
 
                 self._image_decoder = ImageDecoder(self.root, dtype=self.dtype, device=self.device)
             return self._image_tokenizer if name == "tokenizer" else self._image_decoder
+
+
+def _native_grid(root: Path) -> tuple[int, int] | None:
+    """(h, w) of the picture size the image tokenizer fixes, in codes; None when it follows the official rules."""
+    from runtime.vision.encoder import TokenizerConfig
+
+    folder = root / "image_tokenizer"
+    if not (folder / "config.json").is_file():
+        return None
+    config = TokenizerConfig.from_folder(folder)
+    if config.fixed_size is None:
+        return None
+    width, height = config.fixed_size
+    return height // config.patch_size, width // config.patch_size
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
