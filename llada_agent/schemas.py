@@ -184,8 +184,10 @@ class ImagePart(_Model):
             return picture.convert("RGB")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the picture to `path` (format from the suffix; PNG bytes as they are for .png); returns it."""
+        """Write the picture to `path` (format from the suffix; PNG bytes as they are for .png), creating its
+        folder if needed; returns the path."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".png" and self.png is not None:
             path.write_bytes(self.png)
         else:
