@@ -1,0 +1,1058 @@
+"""Trains the bundled tiny LLaDA2.0-Uni from nothing on a CPU and writes it in the official checkpoint layout.
+
+    python -m runtime.tiny.train all --out runtime/tiny/checkpoint
+
+Stages (`all` runs them in order; each one alone reads what the earlier ones wrote into --out):
+
+- ``text``: the text tokenizer — byte-level BPE trained on the task texts, so world words are single tokens,
+  with the real special-token strings and one `<IMAGE{c}>` token per image code after `image_token_offset`.
+- ``vision``: the VAE (8x, 16 latent channels), the SigLIP-VQ image tokenizer, the SigVQ embedder with the
+  Z-Image decoder (flow matching), and the turbo decoder fine-tuned for few-step sampling.
+- ``backbone``: the MoE backbone, trained with the block-diffusion masked objective on the task mixture.
+- ``check``: a quick accuracy probe through `runtime.generate` and the decoders, on held-in and held-out data.
+
+One image code per world cell: the tokenizer sees 48x48 pictures (16 px patches, a 3x3 grid, one patch per
+cell) and the decoder draws 96x96 ones (32 px per cell). A code names what its cell holds — empty, or a
+(shape, colour) pair — and every table indexed by codes (the tokenizer's codebook, the SigVQ embedding, the
+backbone's embedding and head rows) stores the row of (shape, colour) as the sum of a shape row and a colour
+row. That keeps the held-out purple triangle reachable: its code is never seen in training, but its row is
+made of parts that are.
+
+Held out of every stage's data: each scene with a purple triangle, and the riddles `tasks.py` holds out.
+Everything is seeded; the same torch version and thread count reproduce the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ZImageTransformer2DModel
+from PIL import Image, ImageFilter
+from safetensors.torch import save_file
+from torch import nn
+
+from runtime import conversation as chat
+from runtime.checkpoint import load_backbone
+from runtime.errors import SpanError
+from runtime.generate import ImageOptions, TextOptions, generate_image, generate_text
+from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from runtime.model.modeling import LLaDA2MoeGate, LLaDA2MoeSparseMoeBlock
+from runtime.testing.tokenizer import write_tiny_tokenizer
+from runtime.tiny import tasks
+from runtime.tiny.world import (
+    CELLS,
+    COLORS,
+    SHAPES,
+    Scene,
+    SceneReadError,
+    Shape,
+    is_holdout_scene,
+    read_scene,
+    render,
+    sample_scene,
+)
+from runtime.tokens import ImageSegment, TokenCodec
+from runtime.vision.decoder import ImageDecoder, SigVQEmbedder, load_vae, to_checkpoint_name
+from runtime.vision.encoder import ImageTokenizer, SigLipVQ, TokenizerConfig
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "checkpoint"
+THREADS = 2
+# Step counts at --scale 1.
+VAE_STEPS = 500
+TOKENIZER_STEPS = 600
+DECODER_STEPS = 1500
+TURBO_STEPS = 300
+BACKBONE_STEPS = 3000
+
+GRID = 3  # code grid side: one code per world cell
+TOKENIZER_PIXELS = 48  # the image tokenizer's input side (16 px patches)
+DECODED_PIXELS = 96  # the decoder's output side (32 px per cell)
+NUM_CODES = 32
+EMPTY_CODE = 0
+NUM_SHAPE_CODES = len(SHAPES) * len(COLORS)  # codes 1..18; 19..31 are never used
+
+
+def shape_code(shape: str, color: str) -> int:
+    """The code of a cell holding `shape` in `color`."""
+    return 1 + SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
+
+
+def scene_codes(scene: Scene) -> list[int]:
+    """The 3x3 codes of a scene in raster order: what a perfect image tokenizer returns."""
+    codes = [EMPTY_CODE] * len(CELLS)
+    for s in scene.shapes:
+        codes[CELLS.index(s.cell)] = shape_code(s.shape, s.color)
+    return codes
+
+
+def training_scene(rng: random.Random) -> Scene:
+    """A random scene that may appear in training (no purple triangle)."""
+    return sample_scene(rng, allow=lambda s: not is_holdout_scene(s))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def seed_all(seed: int) -> random.Random:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return random.Random(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code-indexed tables whose (shape, colour) rows are sums of a shape row and a colour row
+
+
+class FactorizedTable(nn.Module):
+    """A [rows, dim] table in which the rows of the 18 shape codes are `shape[s] + color[c]`.
+
+    `code_row` is the row of code 0 (the image-code offset in a vocabulary); every other row is free.
+    """
+
+    def __init__(self, rows: int, dim: int, code_row: int, std: float):
+        super().__init__()
+        self.code_row = code_row
+        self.free = nn.Parameter(torch.randn(rows, dim) * std)
+        self.shape = nn.Parameter(torch.randn(len(SHAPES), dim) * std / math.sqrt(2))
+        self.color = nn.Parameter(torch.randn(len(COLORS), dim) * std / math.sqrt(2))
+
+    def weight(self) -> torch.Tensor:
+        """The materialised [rows, dim] table."""
+        combos = (self.shape[:, None, :] + self.color[None, :, :]).reshape(NUM_SHAPE_CODES, -1)
+        start = self.code_row + 1
+        return torch.cat([self.free[:start], combos, self.free[start + NUM_SHAPE_CODES:]])
+
+
+class TableEmbedding(nn.Module):
+    """An embedding lookup into a FactorizedTable (stands in for nn.Embedding while training)."""
+
+    def __init__(self, table: FactorizedTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.table.weight())
+
+
+class TableHead(nn.Module):
+    """A bias-free linear head whose weight is a FactorizedTable (stands in for nn.Linear while training)."""
+
+    def __init__(self, table: FactorizedTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.table.weight())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] in [-1, 1] (the normalisation of the image tokenizer and of the VAE)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
+
+
+def degraded(image: Image.Image, rng: random.Random) -> Image.Image:
+    """The picture as a user or the decoder might hand it back: resized, blurred, compressed, noisy."""
+    if rng.random() < 0.4:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if rng.random() < 0.3:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=rng.randint(35, 90))
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    if rng.random() < 0.4:
+        array = np.asarray(image, dtype=np.float32)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(2, 14), array.shape)
+        image = Image.fromarray(np.clip(array + noise, 0, 255).astype(np.uint8))
+    return image
+
+
+def tokenizer_view(scene: Scene, rng: random.Random) -> Image.Image:
+    """A 48x48 picture of the scene, drawn at a random size then resized as the preprocessing would."""
+    size = rng.choice((48, 48, 64, 72, 96, 128))
+    image = render(scene, size)
+    if size != TOKENIZER_PIXELS:
+        image = image.resize((TOKENIZER_PIXELS, TOKENIZER_PIXELS), Image.Resampling.BICUBIC)
+    return degraded(image, rng) if rng.random() < 0.6 else image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: text tokenizer
+
+
+TEXT_VOCAB_SIZE = 1024
+MAX_GRID = 16
+
+
+def train_text_tokenizer(out: Path, seed: int) -> None:
+    """Write tokenizer.json & co: a BPE fitted to the task texts, so world words are whole tokens."""
+    rng = random.Random(seed)
+    corpus = [tasks.SYSTEM_T2I, tasks.SYSTEM_THINKING, tasks.SYSTEM_UNDERSTANDING, tasks.SYSTEM_EDITING,
+              tasks.SYSTEM_INTERLEAVED, *sorted(tasks.vocabulary())]
+    for _ in range(4000):
+        example = tasks.sample_mixture(rng, holdout="exclude")
+        corpus.extend(example.texts())
+    write_tiny_tokenizer(out, words=corpus, num_image_codes=NUM_CODES, max_grid=MAX_GRID,
+                         text_vocab_size=TEXT_VOCAB_SIZE)
+    log(f"text tokenizer: {TEXT_VOCAB_SIZE} text ids + {NUM_CODES} image codes -> {out / 'tokenizer.json'}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: vision
+
+
+def tokenizer_config() -> dict:
+    return {
+        "vision_config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "depth": 2, "patch_size": 16,
+            "image_size": TOKENIZER_PIXELS, "in_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+            "attention_bias": True, "spatial_merge_size": 1,
+        },
+        "vq_config": {"num_embeddings": NUM_CODES, "embed_dim": 32, "latent_channels": 64},
+    }
+
+
+def preprocessor_config() -> dict:
+    # `size` is the tiny model's own rule: every picture is scaled to cover and center-cropped to 48x48.
+    return {
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16, "temporal_patch_size": 1, "merge_size": 1,
+        "size": {"height": TOKENIZER_PIXELS, "width": TOKENIZER_PIXELS},
+    }
+
+
+def vae_config() -> dict:
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
+        "block_out_channels": [16, 32, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "norm_num_groups": 8,
+        "act_fn": "silu", "sample_size": DECODED_PIXELS, "scaling_factor": 1.0, "shift_factor": 0.0,
+        "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False,
+    }
+
+
+SIGVQ_DIM, SIGVQ_HIDDEN = 32, 64
+
+
+def transformer_config() -> dict:
+    return {
+        "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
+        "in_channels": 16, "dim": 96, "n_layers": 3, "n_refiner_layers": 1, "n_heads": 3, "n_kv_heads": 3,
+        "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": SIGVQ_DIM, "rope_theta": 256.0, "t_scale": 1000.0,
+        "axes_dims": [8, 12, 12], "axes_lens": [1024, 256, 256],
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def model_kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def train_vae(out: Path, seed: int, steps: int) -> AutoencoderKL:
+    """Train the VAE on pictures of training scenes; write vae/ with latent scaling fitted to the data."""
+    rng = seed_all(seed)
+    config = vae_config()
+    vae = AutoencoderKL.from_config(model_kwargs(config))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps, warmup=50)
+    batch = 16
+    for step in range(1, steps + 1):
+        x = torch.stack([to_pixels(render(training_scene(rng), DECODED_PIXELS)) for _ in range(batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} (kl {kl.item():.3f})")
+    vae.eval()
+    with torch.no_grad():
+        x = torch.stack([to_pixels(render(training_scene(rng), DECODED_PIXELS)) for _ in range(128)])
+        means = vae.encode(x).latent_dist.mean
+    # The decoder's latent is (z - shift) * scale: zero-mean, unit-variance for the flow-matching transformer.
+    config["shift_factor"] = round(float(means.mean()), 6)
+    config["scaling_factor"] = round(float(1.0 / means.std()), 6)
+    vae.register_to_config(shift_factor=config["shift_factor"], scaling_factor=config["scaling_factor"])
+    write_json(out / "vae" / "config.json", config)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    log(f"vae: scaling {config['scaling_factor']}, shift {config['shift_factor']} -> {out / 'vae'}")
+    return vae
+
+
+def fixed_codebook(dim: int, seed: int) -> torch.Tensor:
+    """Unit code vectors: empty and unused codes get orthonormal directions, code (s, c) (S_s + C_c)/sqrt 2.
+
+    With orthonormal S and C, the cosine of a feature to code (s, c) is the sum of a shape term and a colour
+    term, so the nearest code picks shape and colour independently, also for a pair never trained.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+    basis = basis.t()
+    unused = NUM_CODES - 1 - NUM_SHAPE_CODES
+    need = 1 + len(SHAPES) + len(COLORS) + unused
+    if need > dim:
+        raise ValueError(f"codebook dim {dim} is too small for {need} orthonormal directions")
+    shapes, colors = basis[1:1 + len(SHAPES)], basis[1 + len(SHAPES):1 + len(SHAPES) + len(COLORS)]
+    combos = ((shapes[:, None] + colors[None, :]) / math.sqrt(2)).reshape(NUM_SHAPE_CODES, dim)
+    rest = basis[1 + len(SHAPES) + len(COLORS):need]
+    return torch.cat([basis[:1], combos, rest])
+
+
+def train_image_tokenizer(out: Path, seed: int, steps: int) -> SigLipVQ:
+    """Train the SigLIP-VQ tokenizer so each patch's nearest code names its cell; write image_tokenizer/."""
+    rng = seed_all(seed)
+    folder = out / "image_tokenizer"
+    write_json(folder / "config.json", tokenizer_config())
+    write_json(folder / "preprocessor_config.json", preprocessor_config())
+    config = TokenizerConfig.from_folder(folder)
+    model = SigLipVQ(config)
+    with torch.no_grad():
+        model.visual.embeddings.position_embedding.weight.normal_(0.0, 0.02)
+        codebook = fixed_codebook(config.code_dim, seed)
+        model.vqmodel.quantize.embedding.weight.copy_(codebook)
+    model.vqmodel.quantize.embedding.weight.requires_grad_(False)
+    model.vqmodel.post_quant_conv.requires_grad_(False)  # shipped for strict loading, unused by decoding
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, steps, warmup=50)
+    shape_rows = torch.cat([codebook[:1], fixed_shape_directions(codebook)])
+    batch, temperature = 48, 20.0
+    for step in range(1, steps + 1):
+        scenes = [training_scene(rng) for _ in range(batch)]
+        images = [tokenizer_view(s, rng) for s in scenes]
+        grey = [rng.random() < 0.15 for _ in scenes]
+        images = [img.convert("L").convert("RGB") if g else img for img, g in zip(images, grey)]
+        labels = torch.tensor([scene_codes(s) for s in scenes]).flatten()
+        features = torch.cat(model.visual([to_pixels(img) for img in images]))
+        z = F.normalize(F.linear(features, model.vqmodel.quant_conv.weight.flatten(1),
+                                 model.vqmodel.quant_conv.bias), dim=-1)
+        colored = torch.tensor([not g for g in grey]).repeat_interleave(GRID * GRID)
+        code_loss = F.cross_entropy(temperature * z[colored] @ codebook.t(), labels[colored])
+        # Grey pictures teach shape without colour: the shape term alone (0 empty, 1.. the kinds).
+        shape_labels = torch.where(labels == EMPTY_CODE, 0, (labels - 1) // len(COLORS) + 1)
+        shape_loss = F.cross_entropy(temperature * z @ shape_rows.t(), shape_labels)
+        loss = code_loss + 0.3 * shape_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps:
+            log(f"image tokenizer step {step}/{steps} loss {code_loss.item():.4f} (shape {shape_loss.item():.4f})")
+    model.eval()
+    state = {"model." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "image_tokenizer.safetensors"))
+    log(f"image tokenizer -> {folder}")
+    return model
+
+
+def fixed_shape_directions(codebook: torch.Tensor) -> torch.Tensor:
+    """The unit shape directions S_s recovered from the codebook: mean over colours of code (s, c)."""
+    combos = codebook[1:1 + NUM_SHAPE_CODES].view(len(SHAPES), len(COLORS), -1)
+    return F.normalize(combos.mean(1), dim=-1)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int,
+                  floor: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def decoder_targets(vae: AutoencoderKL, scenes: Sequence[Scene]) -> torch.Tensor:
+    """Scaled VAE latents [N, 16, 12, 12] of the scenes' 96 px pictures: what the decoder must produce."""
+    x = torch.stack([to_pixels(render(s, DECODED_PIXELS)) for s in scenes])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def captions(sigvq: SigVQEmbedder, scenes: Sequence[Scene]) -> list[torch.Tensor]:
+    """The decoder's conditioning of each scene: its codes upsampled x2, through SigVQ."""
+    grids = torch.tensor([scene_codes(s) for s in scenes]).view(-1, GRID, GRID)
+    upsampled = grids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).flatten(1)
+    return list(sigvq(upsampled))
+
+
+def velocity(transformer: ZImageTransformer2DModel, x: torch.Tensor, t: torch.Tensor,
+             caps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The transformer's velocity for latents x [N, 16, h, w] at times t [N], called as the decoder calls it."""
+    out = transformer(x=list(x[:, :, None]), t=t, cap_feats=list(caps), patch_size=2, f_patch_size=1,
+                      return_dict=False)[0]
+    return torch.stack(out)[:, :, 0]
+
+
+def train_decoders(out: Path, seed: int, steps: int, turbo_steps: int) -> None:
+    """Train SigVQ + the normal decoder (flow matching), then fine-tune a copy for the turbo sampler."""
+    rng = seed_all(seed)
+    vae = load_vae(out / "vae", dtype=torch.float32, device="cpu")
+    config = transformer_config()
+    transformer = ZImageTransformer2DModel(**model_kwargs(config))
+    sigvq = SigVQEmbedder(NUM_CODES, SIGVQ_DIM, SIGVQ_HIDDEN)
+    sigvq.prior_token_embedding = TableEmbedding(FactorizedTable(NUM_CODES, SIGVQ_DIM, 0, std=1.0))
+    params = [*transformer.parameters(), *sigvq.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps, warmup=100)
+    batch = 32
+    for step in range(1, steps + 1):
+        scenes = [training_scene(rng) for _ in range(batch)]
+        x1 = decoder_targets(vae, scenes)
+        caps = captions(sigvq, scenes)
+        # Drop the caption for 10% so the all-zero caption of the normal sampler's guidance is meaningful.
+        caps = [torch.zeros_like(c) if rng.random() < 0.1 else c for c in caps]
+        u = torch.rand(batch)
+        shifted = u / (u + 6.0 - 6.0 * u)  # where the normal sampler's grid spends its steps
+        t = torch.where(torch.rand(batch) < 0.5, u, shifted)
+        x0 = torch.randn_like(x1)
+        xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
+        loss = F.mse_loss(velocity(transformer, xt, t, caps), x1 - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+    write_decoder(out / "decoder", config, transformer)
+    sigvq_state = {k: v.detach().contiguous() for k, v in sigvq.state_dict().items()
+                   if not k.startswith("prior_token_embedding.")}
+    sigvq_state["prior_token_embedding.weight"] = sigvq.prior_token_embedding.table.weight().detach().contiguous()
+    (out / "image_tokenizer").mkdir(parents=True, exist_ok=True)
+    torch.save(sigvq_state, out / "image_tokenizer" / "sigvq_embedding.pt")
+
+    # Turbo: the sampler jumps to the predicted data x + (1 - t) v at the grid points k / N, so train that
+    # prediction there (N 4 or 8), with the caption always present (turbo has no guidance).
+    sigvq.requires_grad_(False)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=3e-4, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, turbo_steps, warmup=20)
+    for step in range(1, turbo_steps + 1):
+        scenes = [training_scene(rng) for _ in range(batch)]
+        x1 = decoder_targets(vae, scenes)
+        with torch.no_grad():
+            caps = captions(sigvq, scenes)
+        n = torch.tensor([rng.choice((4, 8)) for _ in range(batch)])
+        t = torch.tensor([rng.randrange(int(k)) for k in n]) / n
+        x0 = torch.randn_like(x1)
+        tt = t[:, None, None, None]
+        xt = tt * x1 + (1 - tt) * x0
+        predicted = xt + (1 - tt) * velocity(transformer, xt, t, caps)
+        loss = F.mse_loss(predicted, x1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == turbo_steps:
+            log(f"turbo decoder step {step}/{turbo_steps} loss {loss.item():.4f}")
+    write_decoder(out / "decoder-turbo", config, transformer)
+    log(f"decoders -> {out / 'decoder'}, {out / 'decoder-turbo'}")
+
+
+def write_decoder(folder: Path, config: dict, transformer: ZImageTransformer2DModel) -> None:
+    write_json(folder / "config.json", config)
+    state = {to_checkpoint_name(k): v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def timed(name: str, run: Callable[[], object]) -> object:
+    started = time.time()
+    result = run()
+    log(f"{name} took {time.time() - started:.0f} s")
+    return result
+
+
+def steps(count: int, scale: float) -> int:
+    return max(10, int(count * scale))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: backbone — data
+
+
+BLOCK = 32
+CFG_DROP = 0.1  # how often a prompt is replaced by the null prompt, as classifier-free guidance training does
+IMAGE_DROP = 0.05  # how often an edit's source picture is replaced by a lone <|image|> (the no-image branch)
+TRUNCATE_AFTER_CODES = 0.3  # how often a final picture ends right after its codes, as image generation sees it
+CODES_ONLY_MASK = 0.5  # how often a block with codes masks only its codes (the other tokens are given)
+# Families whose last picture the SDK draws with image generation (prompt through the header, then codes).
+DRAWN_LAST = ("t2i", "riddle_direct", "riddle_thinking", "edit", "multiturn", "story")
+
+
+@dataclass
+class TrainSequence:
+    """Token ids of one example and, per token, whether the model must produce it and whether it is a code."""
+
+    ids: list[int]
+    response: list[bool]
+    code: list[bool]
+
+
+class SceneCodes:
+    """The image tokenizer's codes of each scene's 48x48 picture, cached per scene."""
+
+    def __init__(self, folder: Path):
+        self.tokenizer = ImageTokenizer.from_folder(folder)
+        self.cache: dict[Scene, tuple[int, ...]] = {}
+        self.agree = self.total = 0
+
+    def prepare(self, scenes: Sequence[Scene]) -> None:
+        todo = list(dict.fromkeys(s for s in scenes if s not in self.cache))
+        if not todo:
+            return
+        encoded = self.tokenizer.encode([render(s, TOKENIZER_PIXELS) for s in todo])
+        for scene, result in zip(todo, encoded):
+            self.cache[scene] = tuple(result.codes)
+            self.agree += list(result.codes) == scene_codes(scene)
+            self.total += 1
+
+    def __call__(self, scene: Scene):
+        return chat.ImageCodes(GRID, GRID, self.cache[scene])
+
+
+class SequenceBuilder:
+    """Turns task examples into token ids with runtime.conversation, exactly as inference builds prompts."""
+
+    def __init__(self, out: Path, codes: SceneCodes):
+        self.codec = TokenCodec.from_pretrained(out, config={"vocab_size": TEXT_VOCAB_SIZE + NUM_CODES,
+                                                             "image_token_offset": TEXT_VOCAB_SIZE})
+        self.format = chat.ConversationFormat(self.codec)
+        self.codes = codes
+
+    def build(self, example: tasks.Example, rng: random.Random) -> TrainSequence:
+        fmt, special = self.format, self.codec.special
+        turns = list(example.turns)
+        user_null = image_null = False
+        if example.family in ("t2i", "riddle_direct", "riddle_thinking") and rng.random() < CFG_DROP:
+            user_null = True
+            if example.family == "riddle_thinking":  # the null prompt's answer is the picture alone
+                turns[-1] = tasks.Turn("assistant", tuple(p for p in turns[-1].parts
+                                                          if isinstance(p, tasks.ScenePart)))
+        elif example.family == "edit":
+            draw = rng.random()
+            user_null, image_null = draw < CFG_DROP, CFG_DROP <= draw < CFG_DROP + IMAGE_DROP
+
+        seq = TrainSequence([], [], [])
+        self._add(seq, fmt.turn_ids(chat.Turn(chat.SYSTEM, (example.system,))), False)
+        for index, turn in enumerate(turns):
+            if turn.role == "user":
+                self._add(seq, fmt.marker(chat.HUMAN), False)
+                for part in turn.parts:
+                    if isinstance(part, tasks.ScenePart):
+                        self._add(seq, [special.image_start] if image_null else fmt.part_ids(self.codes(part.scene)),
+                                  False)
+                    else:
+                        self._add(seq, fmt.uncondition() if user_null else fmt.part_ids(part.text), False)
+                continue
+            self._add(seq, fmt.marker(chat.ASSISTANT), False)
+            for part in turn.parts:
+                if isinstance(part, tasks.ScenePart):
+                    span = fmt.part_ids(self.codes(part.scene))
+                    seq.ids += span
+                    seq.response += [True] * len(span)
+                    seq.code += [self.codec.is_image_id(t) for t in span]
+                else:
+                    self._add(seq, fmt.part_ids(part.text), True)
+            last = index == len(turns) - 1
+            ends_with_picture = isinstance(turn.parts[-1], tasks.ScenePart)
+            if last and ends_with_picture and example.family in DRAWN_LAST and rng.random() < TRUNCATE_AFTER_CODES:
+                seq.ids, seq.response, seq.code = seq.ids[:-1], seq.response[:-1], seq.code[:-1]
+                return seq
+            self._add(seq, [special.eos], True)
+        # Generation fills the rest of the last block with end-of-text.
+        self._add(seq, [special.eos] * (-len(seq.ids) % BLOCK), True)
+        return seq
+
+    @staticmethod
+    def _add(seq: TrainSequence, ids: list[int], response: bool) -> None:
+        seq.ids += ids
+        seq.response += [response] * len(ids)
+        seq.code += [False] * len(ids)
+
+
+@dataclass
+class Layout:
+    """One example as the model trains on it: clean blocks, then noisy copies of the response blocks.
+
+    kind is 0 for clean tokens and 1 for noisy ones; target is -100 where there is no loss.
+    """
+
+    ids: list[int]
+    positions: list[int]
+    kind: list[int]
+    block: list[int]
+    target: list[int]
+
+
+def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int) -> Layout:
+    """The "clean copy + noisy copy" layout of block diffusion training.
+
+    Noisy block k (a copy of block k with some response tokens masked) sees itself and clean blocks < k; a
+    clean block sees clean blocks up to its own; both copies keep the absolute positions. Each noisy block
+    draws its own mask ratio in (0, 1]; blocks holding image codes mask only their codes half the time.
+    """
+    length = len(seq.ids)
+    blocks = -(-length // BLOCK)
+    first = min(p for p, r in enumerate(seq.response) if r) // BLOCK
+    clean_end = (blocks - 1) * BLOCK
+    ids = seq.ids[:clean_end]
+    positions = list(range(clean_end))
+    kind = [0] * clean_end
+    block = [p // BLOCK for p in range(clean_end)]
+    target = [-100] * clean_end
+    for b in range(first, blocks):
+        span = range(b * BLOCK, min(length, (b + 1) * BLOCK))
+        candidates = [p for p in span if seq.response[p]]
+        if any(seq.code[p] for p in span) and rng.random() < CODES_ONLY_MASK:
+            candidates = [p for p in span if seq.code[p]]
+        ratio = 1.0 - rng.random()
+        masked = {p for p in candidates if rng.random() < ratio}
+        if candidates and not masked:
+            masked = {rng.choice(candidates)}
+        for p in span:
+            ids.append(mask_id if p in masked else seq.ids[p])
+            positions.append(p)
+            kind.append(1)
+            block.append(b)
+            target.append(seq.ids[p] if p in masked else -100)
+    return Layout(ids, positions, kind, block, target)
+
+
+def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
+    """Pack layouts into rows (first fit, longest first) and build the block-diffusion attention mask."""
+    rows: list[list[Layout]] = []
+    for layout in sorted(layouts, key=lambda item: -len(item.ids)):
+        for row in rows:
+            if sum(len(item.ids) for item in row) + len(layout.ids) <= row_length:
+                row.append(layout)
+                break
+        else:
+            rows.append([layout])
+    width = max(sum(len(item.ids) for item in row) for row in rows)
+    fields = {"ids": 0, "positions": 0, "doc": -1, "kind": 0, "block": 0, "target": -100}
+    arrays = {name: np.full((len(rows), width), fill, dtype=np.int64) for name, fill in fields.items()}
+    for r, row in enumerate(rows):
+        for name in ("ids", "positions", "kind", "block", "target"):
+            values = np.concatenate([getattr(item, name) for item in row])
+            arrays[name][r, :len(values)] = values
+        docs = np.concatenate([np.full(len(item.ids), d) for d, item in enumerate(row)])
+        arrays["doc"][r, :len(docs)] = docs
+    ids, positions, target = (torch.from_numpy(arrays[name]) for name in ("ids", "positions", "target"))
+    # Small integer types: the [rows, width, width] comparisons below are the costly part.
+    doc, kind, block = (torch.from_numpy(arrays[name].astype(np.int16)) for name in ("doc", "kind", "block"))
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    kq, kk = kind[:, :, None], kind[:, None, :]
+    bq, bk = block[:, :, None], block[:, None, :]
+    visible = ((kq == 0) & (kk == 0) & (bk <= bq)) | ((kq == 1) & (kk == 0) & (bk < bq)) | (
+        (kq == 1) & (kk == 1) & (bk == bq))
+    return {"ids": ids, "positions": positions, "mask": same & visible, "target": target}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: backbone — model and training
+
+
+def backbone_config(special: dict[str, int]) -> dict:
+    return {
+        "model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"],
+        "vocab_size": TEXT_VOCAB_SIZE + NUM_CODES, "image_token_offset": TEXT_VOCAB_SIZE,
+        "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 6, "first_k_dense_replace": 1,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32, "partial_rotary_factor": 0.5,
+        "rope_theta": 10000.0, "max_position_embeddings": 1024,
+        "num_experts": 16, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "num_shared_experts": 1,
+        "moe_intermediate_size": 128, "routed_scaling_factor": 2.5,
+        "hidden_act": "silu", "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "pad_token_id": special["eos"], "eos_token_id": special["eos"], "mask_token_id": special["mask"],
+        "torch_dtype": "bfloat16",
+    }
+
+
+STORAGE_DTYPE = torch.bfloat16
+EXAMPLES_PER_STEP = 48  # about 4000 tokens
+ROW_LENGTH = 256
+
+
+def moe_forward(self: LLaDA2MoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block's own math, arranged for autograd: expert outputs are concatenated, not written into
+    slices of a buffer (whose backward copies the whole buffer once per expert)."""
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    experts, weights = self.gate(tokens)
+    order = experts.flatten().argsort(stable=True)
+    counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+    routed_in = tokens[order // experts.shape[1]]
+    pieces = [expert(chunk) for expert, chunk, n in zip(self.experts, routed_in.split(counts), counts) if n]
+    per_slot = torch.cat(pieces)[torch.argsort(order)]
+    mixed = (per_slot.view(*experts.shape, -1).float() * weights[..., None]).sum(1)
+    return (mixed.to(x.dtype) + self.shared_experts(tokens)).view(shape)
+
+
+class Backbone:
+    """The backbone being trained: the real model class with factorised embedding and head tables."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**config))
+        hidden, vocab, offset = config["hidden_size"], config["vocab_size"], config["image_token_offset"]
+        std = config["initializer_range"]
+        self.model.model.word_embeddings = TableEmbedding(FactorizedTable(vocab, hidden, offset, std))
+        self.model.lm_head = TableHead(FactorizedTable(vocab, hidden, offset, std))
+        self.loads: dict[nn.Module, torch.Tensor] = {}
+        for module in self.model.modules():
+            if isinstance(module, LLaDA2MoeSparseMoeBlock):
+                module.forward = types.MethodType(moe_forward, module)
+            if isinstance(module, LLaDA2MoeGate):
+                self.loads[module] = torch.zeros(config["num_experts"])
+                module.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, _inputs, outputs) -> None:
+        experts, _ = outputs
+        self.loads[module] += torch.bincount(experts.flatten(), minlength=len(self.loads[module])).float()
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, _ = self.model.model(batch["ids"], batch["positions"], None, batch["mask"])
+        chosen = batch["target"] >= 0
+        logits = self.model.lm_head(hidden[chosen]).float()
+        return F.cross_entropy(logits, batch["target"][chosen])
+
+    def balance(self, rate: float) -> None:
+        """Auxiliary-loss-free load balancing: nudge each router's selection bias towards even expert loads."""
+        with torch.no_grad():
+            for gate, load in self.loads.items():
+                gate.expert_bias += rate * torch.sign(load.mean() - load)
+                load.zero_()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors (official names), in the storage dtype; expert_bias stays fp32."""
+        state = {}
+        for name, tensor in self.model.state_dict().items():
+            if ".table." in name:
+                continue
+            state[name] = tensor if name.endswith("expert_bias") else tensor.to(STORAGE_DTYPE)
+        state["model.word_embeddings.weight"] = self.model.model.word_embeddings.table.weight().detach()
+        state["lm_head.weight"] = self.model.lm_head.table.weight().detach()
+        for name in ("model.word_embeddings.weight", "lm_head.weight"):
+            state[name] = state[name].to(STORAGE_DTYPE)
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save(self, out: Path) -> None:
+        write_json(out / "config.json", self.config)
+        save_file(self.export_state(), str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and ".table." not in name else plain).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, device: str = "cpu",
+                   probe_every: int = 0) -> None:
+    """Stage `backbone`: train on the task mixture (held-out examples excluded) and write the backbone.
+
+    Every 500 steps (and at the end) the resumable state goes to `work` and the backbone to `out`; with
+    `probe_every`, every that many steps the written checkpoint is also probed (a few examples per family).
+    """
+    rng = seed_all(seed)
+    codes = SceneCodes(out / "image_tokenizer")
+    builder = SequenceBuilder(out, codes)
+    special = builder.codec.special.as_dict()
+    backbone = Backbone(backbone_config(special))
+    model = backbone.model.to(device)
+    backbone.loads = {gate: load.to(device) for gate, load in backbone.loads.items()}
+    params = sum(p.numel() for p in model.parameters())
+    log(f"backbone: {params / 1e6:.2f}M parameters, {steps} steps of {EXAMPLES_PER_STEP} examples")
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1.5e-3, betas=(0.9, 0.95))
+    schedule = warmup_cosine(optimizer, steps, warmup=150)
+    state_file = work / "backbone_state.pt"
+    start = 0
+    if resume and state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        log(f"resumed at step {start}")
+    model.train()
+    started, running, seen = time.time(), 0.0, 0
+    for step in range(start + 1, steps + 1):
+        examples = [tasks.sample_mixture(rng, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
+        codes.prepare([scene for example in examples for scene in example.scenes()])
+        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"]) for example in examples]
+        seen += len(layouts)
+        loss = backbone.loss({k: v.to(device) for k, v in pack(layouts, ROW_LENGTH).items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        backbone.balance(1e-3)
+        running = loss.item() if step == start + 1 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps:
+            rate = (time.time() - started) / (step - start)
+            log(f"backbone step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}) "
+                f"{rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
+                f"{codes.agree}/{codes.total} scenes")
+        if step % 500 == 0 or step == steps:
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": rng.getstate(),
+                        "torch_rng": torch.get_rng_state(), "step": step}, state_file)
+            backbone.save(out)
+        if probe_every and step % probe_every == 0:
+            backbone.save(out)
+            check_backbone(out, seed + step, count=8)
+    log(f"backbone -> {out}; {time.time() - started:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_vision(out: Path, seed: int, count: int) -> dict[str, float]:
+    """Accuracy of the vision components loaded through the real loaders, on held-in and held-out scenes."""
+    rng = random.Random(seed)
+    tokenizer = ImageTokenizer.from_folder(out / "image_tokenizer")
+    decoder = ImageDecoder(out)
+    results = {}
+    for name, allow in (("held-in", lambda s: not is_holdout_scene(s)), ("held-out", is_holdout_scene)):
+        scenes = [sample_scene(rng, allow=allow) for _ in range(count)]
+        clean = [render(s, TOKENIZER_PIXELS) for s in scenes]
+        rough = [tokenizer_view(s, rng) for s in scenes]
+        encoded = tokenizer.encode(clean)
+        results[f"encode clean {name}"] = mean(e.codes == scene_codes(s) for e, s in zip(encoded, scenes))
+        encoded = tokenizer.encode(rough)
+        results[f"encode degraded {name}"] = mean(e.codes == scene_codes(s) for e, s in zip(encoded, scenes))
+        for mode, steps in (("normal", 30), ("turbo", 4)):
+            correct = []
+            for k, scene in enumerate(scenes[: count // 2]):
+                picture = decoder.decode(scene_codes(scene), GRID, GRID, mode=mode, steps=steps,
+                                         generator=torch.Generator().manual_seed(k))
+                correct.append(reads_as(picture, scene))
+            results[f"decode {mode} {name}"] = mean(correct)
+    log("vision check: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+    return results
+
+
+def codes_scene(codes: Sequence[int]) -> Scene | None:
+    """The scene 3x3 codes stand for (None when they name no valid scene)."""
+    shapes = []
+    for cell, code in zip(CELLS, codes):
+        if code == EMPTY_CODE:
+            continue
+        if not 1 <= code <= NUM_SHAPE_CODES:
+            return None
+        kind, color = divmod(code - 1, len(COLORS))
+        shapes.append(Shape(SHAPES[kind], COLORS[color], cell))
+    try:
+        return Scene(tuple(shapes))
+    except ValueError:
+        return None
+
+
+class Probe:
+    """Runs task examples through the trained checkpoint as the SDK will: conversation format + generate."""
+
+    def __init__(self, out: Path):
+        self.model = load_backbone(out)
+        self.codes = SceneCodes(out / "image_tokenizer")
+        self.builder = SequenceBuilder(out, self.codes)
+        self.format = self.builder.format
+        self.codec = self.builder.codec
+        self.vocab = chat.vocab_layout(self.codec)
+        self.decoder = ImageDecoder(out)
+
+    def text(self, prompt: list[int], allow_images: bool = False, stop: frozenset[int] | None = None,
+             max_new: int = 64) -> tuple[list[int], int | None]:
+        options = TextOptions(max_new_tokens=max_new, steps=BLOCK, allow_image_ids=allow_images, stop_ids=stop)
+        result = generate_text(self.model, prompt, self.vocab, options)
+        return result.ids, result.stop_id
+
+    def image(self, branches: list[list[int]]) -> list[int]:
+        options = ImageOptions(steps=8, cfg_scale=2.0, cfg_text_scale=2.0, cfg_image_scale=0.0)
+        ids = generate_image(self.model, branches[: 3], (GRID, GRID), self.vocab, options).ids
+        return [self.codec.code_of(i) for i in ids]
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.codec.decode(ids).strip()
+
+    def user_parts(self, turn: tasks.Turn) -> tuple:
+        return tuple(self.codes(p.scene) if isinstance(p, tasks.ScenePart) else p.text for p in turn.parts)
+
+    def run(self, example: tasks.Example) -> bool:
+        """Whether the checkpoint's answer to the example is exactly right."""
+        self.codes.prepare(example.scenes())
+        fmt, family, turns = self.format, example.family, example.turns
+        target = example.target
+        if family in ("qa", "caption"):
+            prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
+            ids, _ = self.text(prompt)
+            return self.decode_text(ids) == target.parts[0].text
+        answer = [p.scene for p in target.parts if isinstance(p, tasks.ScenePart)]
+        if family in ("t2i", "riddle_direct"):
+            codes = self.image(fmt.text_to_image(turns[0].parts[0].text, (GRID, GRID), example.system))
+            return codes_scene(codes) == answer[0]
+        if family == "edit":
+            source, instruction = self.user_parts(turns[0])
+            return codes_scene(self.image(fmt.edit(source, instruction))) == answer[0]
+        if family == "riddle_thinking":
+            prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
+            special = self.codec.special
+            ids, stop = self.text(prompt, stop=frozenset({special.eos, special.boi}), max_new=128)
+            if stop != special.boi:
+                return False
+            parsed = self.codec.parse_thinking(ids + [special.boi])
+            if parsed.header is None or (parsed.header.height, parsed.header.width) != (GRID, GRID):
+                return False
+            cond = prompt + ids + [special.boi]
+            codes = self.image([cond, fmt.unconditional(example.system, (GRID, GRID))])
+            plan_ok = self.decode_text(parsed.thinking) == target.parts[0].text
+            return plan_ok and codes_scene(codes) == answer[0]
+        if family == "multiturn":
+            history = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
+            null = fmt.unconditional(example.system, (GRID, GRID))
+            header = fmt.header(GRID, GRID)
+            first = self.image([history + header, null])
+            span = self.codec.image_span(GRID, GRID, first)
+            follow = fmt.turn_ids(chat.Turn(chat.HUMAN, self.user_parts(turns[2])))
+            second = self.image([history + span + [self.codec.special.eos] + follow + fmt.marker(chat.ASSISTANT)
+                                 + header, null])
+            return codes_scene(first) == answer[0] and codes_scene(second) == answer[1]
+        if family == "story":
+            prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
+            ids, _ = self.text(prompt, allow_images=True, max_new=320)
+            try:
+                segments = self.codec.parse(ids)
+            except SpanError:  # a malformed span: the story is wrong
+                return False
+            frames, text = [], None
+            for segment in segments:
+                if isinstance(segment, ImageSegment):
+                    scene = codes_scene(segment.codes)
+                    if text is None or scene is None:
+                        return False
+                    frames.append((text, scene))
+                    text = None
+                else:
+                    text = self.decode_text(segment.ids)
+            return tasks.check_story(frames) and len(frames) == len(answer)
+        raise ValueError(f"no probe for family {family!r}")
+
+
+def check_backbone(out: Path, seed: int, count: int) -> dict[str, float]:
+    """Exact-answer accuracy per task family on fresh held-in examples and on held-out ones."""
+    probe = Probe(out)
+    rng = random.Random(seed)
+    results = {}
+    for family in tasks.FAMILIES:
+        for holdout in ("exclude", "only"):
+            n = count if holdout == "exclude" else max(2, count // 2)
+            examples = [tasks.sample_example(family, rng, holdout) for _ in range(n)]
+            results[f"{family} {'held-in' if holdout == 'exclude' else 'held-out'}"] = mean(
+                probe.run(e) for e in examples)
+    log("backbone check: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+    return results
+
+
+def reads_as(picture: Image.Image, scene: Scene) -> bool:
+    try:
+        return read_scene(picture) == scene
+    except SceneReadError:  # the picture does not show a valid scene
+        return False
+
+
+def mean(values: Iterator[bool] | Sequence[bool]) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+VISION_STAGES = ("vae", "image-tokenizer", "decoder")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runtime.tiny.train", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "check"],
+                        help="'vision' is vae, image-tokenizer and decoder in turn; 'all' is every stage")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder to write")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llada-tiny-train"),
+                        help="folder for the backbone's resumable training state")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="where the backbone trains")
+    parser.add_argument("--resume", action="store_true", help="continue the backbone from --work's state")
+    parser.add_argument("--probe", type=int, default=20, help="examples per family in the check")
+    parser.add_argument("--probe-every", type=int, default=0, help="also probe the backbone every N steps")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Tiny gradients turn denormal late in training, and denormal arithmetic is many times slower on CPUs.
+    torch.set_flush_denormal(True)
+    out, seed, scale = args.out, args.seed, args.scale
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    stages = [args.stage]
+    if args.stage == "vision":
+        stages = list(VISION_STAGES)
+    elif args.stage == "all":
+        stages = ["text", *VISION_STAGES, "backbone", "check"]
+    for stage in stages:
+        if stage == "text":
+            timed("text stage", lambda: train_text_tokenizer(out, seed))
+        elif stage == "vae":
+            timed("vae stage", lambda: train_vae(out, seed + 1, steps(VAE_STEPS, scale)))
+        elif stage == "image-tokenizer":
+            timed("image tokenizer stage", lambda: train_image_tokenizer(out, seed + 2, steps(TOKENIZER_STEPS, scale)))
+        elif stage == "decoder":
+            timed("decoder stage", lambda: train_decoders(out, seed + 3, steps(DECODER_STEPS, scale),
+                                                          steps(TURBO_STEPS, scale)))
+            timed("vision check", lambda: check_vision(out, seed + 4, count=24))
+        elif stage == "backbone":
+            timed("backbone stage", lambda: train_backbone(out, args.work, seed + 5, steps(BACKBONE_STEPS, scale),
+                                                           args.resume, args.device, args.probe_every))
+        elif stage == "check":
+            if args.stage == "check":
+                check_vision(out, seed + 4, count=24)
+            timed("backbone check", lambda: check_backbone(out, seed + 6, count=args.probe))
+    log(f"done in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
