@@ -37,12 +37,11 @@ from runtime.generate import (
     GenerationResult,
     GenerationTask,
     ImageOptions,
-    RowInput,
     TextOptions,
     VocabLayout,
-    forward_rows,
 )
 from runtime.kvcache import PrefixCache
+from runtime.rows import RowInput, forward_rows
 
 T = TypeVar("T")
 

@@ -13,13 +13,13 @@ from runtime.generate import (
     StepDone,
     TextOptions,
     VocabLayout,
-    forward_rows,
     generate_image,
     generate_text,
     run_task,
 )
 from runtime.kvcache import PrefixCache
 from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from runtime.rows import forward_rows
 from runtime.testing.checkpoint import TINY_IMAGE_CODES, TINY_TEXT_VOCAB, tiny_backbone_config
 
 VOCAB = VocabLayout(mask_id=500, eos_id=501, image_offset=TINY_TEXT_VOCAB, num_image_codes=TINY_IMAGE_CODES,
