@@ -216,6 +216,12 @@ async def cmd_chat(args: argparse.Namespace) -> None:
                 print(f"   error: {error}")
 
 
+async def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    await serve(_load(args), host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _read_line(prompt: str) -> str:
     try:
         return input(prompt)
@@ -288,11 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     story = commands.add_parser("story", parents=[common], help="write an illustrated story (HTML page)")
     story.add_argument("prompt")
     story.add_argument("--frames", type=int, default=4)
+    serve = commands.add_parser("serve", parents=[common],
+                                help="serve the model over HTTP: OpenAI-compatible API plus sessions")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
 COMMANDS = {"demo": cmd_demo, "chat": cmd_chat, "ask": cmd_ask, "draw": cmd_draw, "edit": cmd_edit,
-            "story": cmd_story}
+            "story": cmd_story, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
