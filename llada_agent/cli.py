@@ -1,4 +1,4 @@
-"""`llada-agent`: the command line — demo, chat, ask, draw, edit, story.
+"""`llada-agent`: the command line — demo, chat, ask, draw, edit, story, serve.
 
 Every command takes `--model` (default "tiny": the bundled model, runs on any CPU; or a checkpoint folder in
 the official layout, or a Hub id) and `--device` / `--dtype`. Long work shows progress on stderr; answers
