@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 SCENE = Scene.of(Shape("circle", "red", "top-left"), Shape("triangle", "blue", "center"))
-# The code layout the training script gives the tiny tokenizer: 0 empty, 1 + shape * 6 + color.
-SCENE_CODES = [1, 0, 0, 0, 1 + 2 * 6 + 2, 0, 0, 0, 0]
+# The code layout of the tiny tokenizer: cell * 19 + content (0 empty, 1 + shape * 6 + color).
+SCENE_CODES = [1, 19, 38, 57, 91, 95, 114, 133, 152]
 
 
 @pytest.fixture(scope="module")
