@@ -50,7 +50,7 @@ from runtime.checkpoint import load_backbone
 from runtime.errors import SpanError
 from runtime.generate import ImageOptions, TextOptions, generate_image, generate_text
 from runtime.model import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from runtime.model.modeling import LLaDA2MoeGate, LLaDA2MoeSparseMoeBlock
+from runtime.model.modeling import LLaDA2MoeGate, LLaDA2MoeSparseMoeBlock, apply_partial_rotary
 from runtime.testing.tokenizer import write_tiny_tokenizer
 from runtime.tiny import tasks
 from runtime.tiny.world import (
@@ -142,10 +142,45 @@ class FactorizedTable(nn.Module):
         return torch.cat([self.free[:start], used, self.free[start + USED_CODES:]])
 
 
-class TableEmbedding(nn.Module):
-    """An embedding lookup into a FactorizedTable (stands in for nn.Embedding while training)."""
+class WordTiedTable(nn.Module):
+    """A vocabulary table whose image-code rows are made of its own word rows: code (cell, shape, colour) is
+    image + cell + (the cell name's word rows) + (the shape's word row) + (the colour's word row), and an
+    empty cell's code has an `empty` row in place of shape and colour. So a code reads like the words that
+    describe it, and a purple triangle's codes are made of parts other codes and texts train.
+    """
 
-    def __init__(self, table: FactorizedTable):
+    def __init__(self, rows: int, dim: int, code_row: int, std: float, codec: TokenCodec):
+        super().__init__()
+        self.code_row = code_row
+        self.free = nn.Parameter(torch.randn(rows, dim) * std)
+        self.image = nn.Parameter(torch.randn(1, dim) * std)
+        self.cell = nn.Parameter(torch.randn(len(CELLS), dim) * std)
+        self.empty = nn.Parameter(torch.randn(1, dim) * std)
+        self.cell_words = [codec.encode_text(" " + cell) for cell in CELLS]
+        self.register_buffer("shape_words", torch.tensor([single_token(codec, s) for s in SHAPES]), persistent=False)
+        self.register_buffer("color_words", torch.tensor([single_token(codec, c) for c in COLORS]), persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        """The materialised [rows, dim] table."""
+        words = self.free
+        cells = self.cell + torch.stack([words[ids].mean(0) for ids in self.cell_words])
+        things = (words[self.shape_words][:, None] + words[self.color_words][None, :]).flatten(0, 1)
+        used = (cells[:, None] + torch.cat([self.empty, things])[None, :]).flatten(0, 1) + self.image
+        start = self.code_row
+        return torch.cat([words[:start], 0.5 * used, words[start + USED_CODES:]])
+
+
+def single_token(codec: TokenCodec, word: str) -> int:
+    ids = codec.encode_text(" " + word)
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is not one token of the text tokenizer: {ids}")
+    return ids[0]
+
+
+class TableEmbedding(nn.Module):
+    """An embedding lookup into a table module (stands in for nn.Embedding while training)."""
+
+    def __init__(self, table: FactorizedTable | WordTiedTable):
         super().__init__()
         self.table = table
 
@@ -154,9 +189,9 @@ class TableEmbedding(nn.Module):
 
 
 class TableHead(nn.Module):
-    """A bias-free linear head whose weight is a FactorizedTable (stands in for nn.Linear while training)."""
+    """A bias-free linear head whose weight is a table module (stands in for nn.Linear while training)."""
 
-    def __init__(self, table: FactorizedTable):
+    def __init__(self, table: FactorizedTable | WordTiedTable):
         super().__init__()
         self.table = table
 
@@ -567,6 +602,56 @@ class TrainSequence:
     code: list[bool]
 
 
+class WorldLabels:
+    """What each token says about the world: the cell, shape and colour it names (-1 where none).
+
+    A code names its cell and, unless the cell is empty, a shape and a colour; a text token names a cell
+    when it is (part of) a cell name, a shape or colour when it is that word. Cell names of several tokens
+    ("top-left" is " top", "-", "left") are matched longest first, so the "left" in "top-left" is not the cell
+    "left". These labels drive attention guidance (see `guidance`); the model never sees them.
+    """
+
+    FIELDS = ("cell", "shape", "color", "is_code")
+
+    def __init__(self, codec: TokenCodec):
+        self.codec = codec
+        self.cell_names = sorted(((tuple(codec.encode_text(prefix + cell)), i) for i, cell in enumerate(CELLS)
+                                  for prefix in ("", " ")), key=lambda item: -len(item[0]))
+        self.words: dict[int, tuple[str, int]] = {}
+        for field, names in (("shape", SHAPES), ("color", COLORS)):
+            for index, name in enumerate(names):
+                for prefix in ("", " "):
+                    ids = codec.encode_text(prefix + name)
+                    if len(ids) == 1:
+                        self.words[ids[0]] = (field, index)
+
+    def __call__(self, ids: Sequence[int]) -> dict[str, list[int]]:
+        labels = {field: [-1] * len(ids) for field in self.FIELDS}
+        position = 0
+        while position < len(ids):
+            token = ids[position]
+            if self.codec.is_image_id(token):
+                code = self.codec.code_of(token)
+                labels["is_code"][position] = 1
+                if code < USED_CODES:
+                    labels["cell"][position], content = divmod(code, CONTENTS)
+                    if content:
+                        labels["shape"][position], labels["color"][position] = divmod(content - 1, len(COLORS))
+                position += 1
+                continue
+            for name, cell in self.cell_names:
+                if tuple(ids[position:position + len(name)]) == name:
+                    labels["cell"][position:position + len(name)] = [cell] * len(name)
+                    position += len(name)
+                    break
+            else:
+                if token in self.words:
+                    field, index = self.words[token]
+                    labels[field][position] = index
+                position += 1
+        return labels
+
+
 class SceneCodes:
     """The image tokenizer's codes of each scene's 48x48 picture, cached per scene."""
 
@@ -653,7 +738,8 @@ class SequenceBuilder:
 class Layout:
     """One example as the model trains on it: clean blocks, then noisy copies of the response blocks.
 
-    kind is 0 for clean tokens and 1 for noisy ones; target is -100 where there is no loss.
+    kind is 0 for clean tokens and 1 for noisy ones; target is -100 where there is no loss; labels are the
+    WorldLabels of each token's true id.
     """
 
     ids: list[int]
@@ -661,9 +747,10 @@ class Layout:
     kind: list[int]
     block: list[int]
     target: list[int]
+    labels: dict[str, list[int]]
 
 
-def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int) -> Layout:
+def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: WorldLabels) -> Layout:
     """The "clean copy + noisy copy" layout of block diffusion training.
 
     Noisy block k (a copy of block k with some response tokens masked) sees itself and clean blocks < k; a
@@ -696,7 +783,9 @@ def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int) -> Layout
             kind.append(1)
             block.append(b)
             target.append(seq.ids[p] if p in masked else -100)
-    return Layout(ids, positions, kind, block, target)
+    truth = world(seq.ids)
+    labels = {field: [values[p] for p in positions] for field, values in truth.items()}
+    return Layout(ids, positions, kind, block, target, labels)
 
 
 def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
@@ -724,9 +813,42 @@ def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
     same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
     kq, kk = kind[:, :, None], kind[:, None, :]
     bq, bk = block[:, :, None], block[:, None, :]
-    visible = ((kq == 0) & (kk == 0) & (bk <= bq)) | ((kq == 1) & (kk == 0) & (bk < bq)) | (
-        (kq == 1) & (kk == 1) & (bk == bq))
-    return {"ids": ids, "positions": positions, "mask": same & visible, "target": target}
+    visible = ((kq == 0) & (kk == 0) & (bk <= bq)) | ((kq == 1) & (kk == 1) & (bk == bq)) | (
+        (kq == 1) & (kk == 0) & (bk < bq))
+    mask = same & visible
+    labels = {}
+    for field in WorldLabels.FIELDS:
+        values = np.full((len(rows), width), -1, dtype=np.int16)
+        for r, row in enumerate(rows):
+            row_values = np.concatenate([item.labels[field] for item in row])
+            values[r, :len(row_values)] = row_values
+        labels[field] = torch.from_numpy(values)
+    return {"ids": ids, "positions": positions, "mask": mask, "target": target,
+            "guide": guidance(mask, target, labels)}
+
+
+def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where a guided head should look, bool [rows, queries, keys]: from each masked token to the visible,
+    unmasked tokens that hold what it needs.
+
+    - a masked code looks at what names its cell: the same cell's code in earlier pictures (an edit's source,
+      the previous story frame) and the cell's name in the text ("... in the bottom-right");
+    - a masked shape, colour or cell word looks at the codes holding that shape, colour or (a shape in that)
+      cell: the answer "blue" at the blue shapes' codes, "top-left" at the shape in the top-left.
+
+    The model reaches these lookups on its own only after far more steps than a CPU budget allows: until the
+    lookup works, "empty" is the best guess for every code and nothing rewards looking (see README).
+    """
+    query = target >= 0
+    cell, shape, color, code = labels["cell"], labels["shape"], labels["color"], labels["is_code"] == 1
+    key = ~query
+    q, k = (lambda t: t[:, :, None]), (lambda t: t[:, None, :])
+    same_cell = (q(cell) >= 0) & (q(cell) == k(cell))
+    from_code = q(code) & same_cell
+    holds = k(code) & (((q(shape) >= 0) & (q(shape) == k(shape))) | ((q(color) >= 0) & (q(color) == k(color)))
+                       | (same_cell & (k(shape) >= 0)))
+    from_word = ~q(code) & holds
+    return mask & q(query) & k(key) & (from_code | from_word)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -754,6 +876,14 @@ EXAMPLES_PER_STEP = 24  # about 2200 tokens: many small steps learn faster than 
 # The task mixture, with stories (the longest conversations, no accuracy target of their own) halved.
 MIXTURE = {**tasks.DEFAULT_WEIGHTS, "story": 0.5}
 ROW_LENGTH = 256
+# Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
+GUIDED_LAYERS = (1, 3)
+GUIDE_WEIGHT = 1.0
+# A code holding a shape counts this many times an empty cell's code or a word: most codes of a picture are
+# empty, and without the weight "empty everywhere" is a deep, flat valley the lookups never leave.
+SHAPE_CODE_WEIGHT = 5.0
+# Steps between saves of the resumable state: a run cut short (a closed laptop) loses at most this many.
+SAVE_EVERY = 250
 
 
 def moe_forward(self: LLaDA2MoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
@@ -772,15 +902,15 @@ def moe_forward(self: LLaDA2MoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 class Backbone:
-    """The backbone being trained: the real model class with factorised embedding and head tables."""
+    """The backbone being trained: the real model class with word-tied embedding and head tables."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, codec: TokenCodec):
         self.config = config
         self.model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**config))
         hidden, vocab, offset = config["hidden_size"], config["vocab_size"], config["image_token_offset"]
         std = config["initializer_range"]
-        self.model.model.word_embeddings = TableEmbedding(FactorizedTable(vocab, hidden, offset, std))
-        self.model.lm_head = TableHead(FactorizedTable(vocab, hidden, offset, std))
+        self.model.model.word_embeddings = TableEmbedding(WordTiedTable(vocab, hidden, offset, std, codec))
+        self.model.lm_head = TableHead(WordTiedTable(vocab, hidden, offset, std, codec))
         self.loads: dict[nn.Module, torch.Tensor] = {}
         for module in self.model.modules():
             if isinstance(module, LLaDA2MoeSparseMoeBlock):
@@ -788,16 +918,48 @@ class Backbone:
             if isinstance(module, LLaDA2MoeGate):
                 self.loads[module] = torch.zeros(config["num_experts"])
                 module.register_forward_hook(self._count)
+        self.guided: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for layer in GUIDED_LAYERS:
+            self.model.model.layers[layer].attention.register_forward_pre_hook(self._keep_inputs)
+        self.last: dict[str, float] = {}
 
     def _count(self, module: nn.Module, _inputs, outputs) -> None:
         experts, _ = outputs
         self.loads[module] += torch.bincount(experts.flatten(), minlength=len(self.loads[module])).float()
 
+    def _keep_inputs(self, module: nn.Module, inputs: tuple) -> None:
+        x, cos, sin = inputs[:3]
+        self.guided.append((module, x, cos, sin))
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Masked-token cross-entropy (codes of shapes weighted up) plus the attention guidance term."""
+        self.guided = []
         hidden, _ = self.model.model(batch["ids"], batch["positions"], None, batch["mask"])
         chosen = batch["target"] >= 0
+        targets = batch["target"][chosen]
         logits = self.model.lm_head(hidden[chosen]).float()
-        return F.cross_entropy(logits, batch["target"][chosen])
+        offset = self.config["image_token_offset"]
+        shape_code = (targets >= offset) & ((targets - offset) % CONTENTS != 0) & (targets - offset < USED_CODES)
+        weights = torch.where(shape_code, SHAPE_CODE_WEIGHT, 1.0)
+        tokens = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+        guide = torch.stack([self._guide_loss(*kept, batch["mask"], batch["guide"]) for kept in self.guided]).mean()
+        self.last = {"tokens": tokens.item(), "guide": guide.item()}
+        return tokens + GUIDE_WEIGHT * guide
+
+    @staticmethod
+    def _guide_loss(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """-log of the attention mass head 0 puts where `guide` says, over the queries it guides."""
+        rows = guide.any(-1)
+        if not rows.any():
+            return x.new_zeros(())
+        batch, length, _ = x.shape
+        qkv = attention.query_key_value(x).view(batch, length, -1, attention.head_dim)
+        q = apply_partial_rotary(attention.query_layernorm(qkv[:, None, :, 0]), cos, sin)[:, 0]
+        k = apply_partial_rotary(attention.key_layernorm(qkv[:, None, :, attention.num_heads]), cos, sin)[:, 0]
+        scores = torch.einsum("bqd,bkd->bqk", q, k).float() * attention.head_dim**-0.5
+        log_weights = scores.masked_fill(~mask, float("-inf")).log_softmax(-1)
+        return -log_weights.masked_fill(~guide, float("-inf")).logsumexp(-1)[rows].mean()
 
     def balance(self, rate: float) -> None:
         """Auxiliary-loss-free load balancing: nudge each router's selection bias towards even expert loads."""
@@ -825,6 +987,7 @@ class Backbone:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay; vectors and the vocabulary tables do not."""
     decay, plain = [], []
     for name, param in model.named_parameters():
         (decay if param.dim() >= 2 and ".table." not in name else plain).append(param)
@@ -835,14 +998,15 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
                    probe_every: int = 0) -> None:
     """Stage `backbone`: train on the task mixture (held-out examples excluded) and write the backbone.
 
-    Every 1000 steps (and at the end) the resumable state goes to `work` and the backbone to `out`; with
+    Every SAVE_EVERY steps (and at the end) the resumable state goes to `work` and the backbone to `out`; with
     `probe_every`, every that many steps the written checkpoint is also probed (a few examples per family).
     """
     rng = seed_all(seed)
     codes = SceneCodes(out / "image_tokenizer")
     builder = SequenceBuilder(out, codes)
     special = builder.codec.special.as_dict()
-    backbone = Backbone(backbone_config(special))
+    backbone = Backbone(backbone_config(special), builder.codec)
+    world = WorldLabels(builder.codec)
     model = backbone.model.to(device)
     backbone.loads = {gate: load.to(device) for gate, load in backbone.loads.items()}
     params = sum(p.numel() for p in model.parameters())
@@ -865,7 +1029,7 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     for step in range(start + 1, steps + 1):
         examples = [tasks.sample_mixture(rng, MIXTURE, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
         codes.prepare([scene for example in examples for scene in example.scenes()])
-        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"]) for example in examples]
+        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world) for example in examples]
         seen += len(layouts)
         loss = backbone.loss({k: v.to(device) for k, v in pack(layouts, ROW_LENGTH).items()})
         optimizer.zero_grad(set_to_none=True)
@@ -877,10 +1041,10 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
         running = loss.item() if step == start + 1 else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             rate = (time.time() - started) / (step - start)
-            log(f"backbone step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}) "
-                f"{rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
+            log(f"backbone step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}; tokens "
+                f"{backbone.last['tokens']:.4f}, guide {backbone.last['guide']:.4f}) {rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
                 f"{codes.agree}/{codes.total} scenes")
-        if step % 1000 == 0 or step == steps:
+        if step % SAVE_EVERY == 0 or step == steps:
             work.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "rng": rng.getstate(),

@@ -1,0 +1,124 @@
+"""The tiny model's training script: block-diffusion layout, world labels and attention guidance.
+
+These pieces decide what the bundled model can learn in its CPU budget; a silent mistake in them (a noisy
+block that sees its own answer, guidance pointing at the wrong cell) trains a model that looks fine by its
+loss and answers nothing right.
+"""
+
+import random
+
+import pytest
+import torch
+
+from runtime.tiny import train
+from runtime.tokens import TokenCodec
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    train.train_text_tokenizer(folder, seed=0)
+    return TokenCodec.from_pretrained(folder, config={"vocab_size": train.TEXT_VOCAB_SIZE + train.NUM_CODES,
+                                                      "image_token_offset": train.TEXT_VOCAB_SIZE})
+
+
+def code(codec, cell, shape=None, color=None):
+    from runtime.tiny.world import Shape
+
+    thing = None if shape is None else Shape(shape, color, cell)
+    return codec.code_id(train.cell_code(cell, thing))
+
+
+def sequence(prompt, response):
+    """A TrainSequence of prompt ids (given) then response ids (to produce)."""
+    ids = list(prompt) + list(response)
+    return train.TrainSequence(ids, [False] * len(prompt) + [True] * len(response),
+                               [False] * len(ids))
+
+
+def test_world_labels_read_cells_shapes_and_colours_from_words_and_codes(codec):
+    world = train.WorldLabels(codec)
+    words = codec.encode_text("a red circle at the top-left and a blue square at the left")
+    codes = [code(codec, "top-left", "circle", "red"), code(codec, "left")]
+    labels = world(words + codes)
+    cells = [train.CELLS[c] if c >= 0 else None for c in labels["cell"]]
+    named = [(codec.decode([t]), cell) for t, cell in zip(words, cells) if cell]
+    # "top-left" is three tokens, all naming one cell; its "left" is not the cell "left".
+    assert named == [(" top", "top-left"), ("-", "top-left"), ("left", "top-left"), (" left", "left")]
+    shapes = {codec.decode([t]).strip(): s for t, s in zip(words, labels["shape"]) if s >= 0}
+    colors = {codec.decode([t]).strip(): c for t, c in zip(words, labels["color"]) if c >= 0}
+    assert shapes == {"circle": train.SHAPES.index("circle"), "square": train.SHAPES.index("square")}
+    assert colors == {"red": train.COLORS.index("red"), "blue": train.COLORS.index("blue")}
+    # The red circle's code names its cell, shape and colour; the empty cell's code only its cell.
+    tail = {field: values[-2:] for field, values in labels.items()}
+    assert tail == {"cell": [0, 3], "shape": [train.SHAPES.index("circle"), -1],
+                    "color": [train.COLORS.index("red"), -1], "is_code": [1, 1]}
+
+
+def test_a_noisy_block_sees_earlier_clean_blocks_and_itself_never_its_own_answer(codec):
+    world = train.WorldLabels(codec)
+    prompt = codec.encode_text("a " * 40)[:40]
+    seq = sequence(prompt, codec.encode_text("b " * 50)[:50])
+    layout = train.noisy_layout(seq, random.Random(0), codec.special.mask, world)
+    batch = train.pack([layout], 512)
+    mask = batch["mask"][0]
+    kind, block = torch.tensor(layout.kind), torch.tensor(layout.block)
+    for q in range(len(layout.ids)):
+        for k in range(len(layout.ids)):
+            if kind[q] == 1:
+                expected = bool((kind[k] == 0 and block[k] < block[q]) or (kind[k] == 1 and block[k] == block[q]))
+            else:
+                expected = bool(kind[k] == 0 and block[k] <= block[q])
+            assert bool(mask[q, k]) == expected, (q, k)
+    # Every masked target sits in a noisy copy at its own position, and the clean copy holds the truth there.
+    for index, target in enumerate(layout.target):
+        if target >= 0:
+            assert layout.kind[index] == 1 and layout.ids[index] == codec.special.mask
+            assert seq.ids[layout.positions[index]] == target
+
+
+def test_guidance_points_codes_at_their_cell_and_answer_words_at_the_codes_holding_them(codec):
+    world = train.WorldLabels(codec)
+    source = [code(codec, cell, "circle", "red") if cell == "top-left" else code(codec, cell)
+              for cell in train.CELLS]
+    prompt = source + codec.encode_text(" move it to the center. what color is it?")
+    answer = codec.encode_text("red")
+    drawn = [code(codec, cell, "circle", "red") if cell == "center" else code(codec, cell) for cell in train.CELLS]
+    seq = sequence(prompt, answer + drawn)
+    rng = random.Random(0)
+    layout = train.noisy_layout(seq, rng, codec.special.mask, world)
+    batch = train.pack([layout], 512)
+    guide, target, ids = batch["guide"][0], batch["target"][0], batch["ids"][0]
+    truth = torch.where(target >= 0, target, ids)
+    assert guide.any()
+    for q in guide.any(-1).nonzero()[:, 0].tolist():
+        assert target[q] >= 0, "only masked tokens are guided"
+        keys = guide[q].nonzero()[:, 0].tolist()
+        assert all(target[k] < 0 and batch["mask"][0, q, k] for k in keys), "guided only to visible, unmasked keys"
+        seen = {codec.decode([int(truth[k])]) if not codec.is_image_id(int(truth[k])) else codec.code_of(int(truth[k]))
+                for k in keys}
+        if codec.is_image_id(int(truth[q])):
+            cell = codec.code_of(int(truth[q])) // train.CONTENTS
+            expected = {codec.code_of(source[cell])}
+            if train.CELLS[cell] == "center":
+                expected.add(" center")
+            assert seen <= expected and seen, (q, seen)
+        else:  # the answer "red" looks at the red circle's code
+            assert codec.decode([int(truth[q])]) == "red"
+            assert seen == {train.cell_code("top-left", None) + 1 + train.COLORS.index("red")}
+
+
+def test_the_loss_weighs_shape_codes_and_adds_the_guidance_term(codec):
+    world = train.WorldLabels(codec)
+    torch.manual_seed(0)
+    backbone = train.Backbone(train.backbone_config(codec.special.as_dict()), codec)
+    source = [code(codec, cell, "square", "green") if cell == "right" else code(codec, cell) for cell in train.CELLS]
+    seq = sequence(source + codec.encode_text(" keep it."), source)
+    batch = train.pack([train.noisy_layout(seq, random.Random(1), codec.special.mask, world)], 512)
+    loss = backbone.loss(batch)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(backbone.last["tokens"] + train.GUIDE_WEIGHT * backbone.last["guide"], rel=1e-5)
+    assert backbone.last["guide"] > 0
+    loss.backward()
+    gate = backbone.model.model.layers[train.GUIDED_LAYERS[0]].attention.query_key_value.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
