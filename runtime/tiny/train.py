@@ -14,10 +14,15 @@ Stages (`all` runs them in order; each one alone reads what the earlier ones wro
 
 One image code per world cell: the tokenizer sees 48x48 pictures (16 px patches, a 3x3 grid, one patch per
 cell) and the decoder draws 96x96 ones (32 px per cell). A code names its cell and what the cell holds
-(empty, or a shape in a colour), and every table indexed by codes (the tokenizer's codebook, the SigVQ
-embedding, the backbone's embedding and head rows) is trained as a sum of parts: cell + empty, or cell +
-shape + colour. That keeps the held-out purple triangle reachable: its codes are never seen in training,
-but their rows are made of parts that are.
+(empty, or a shape in a colour), and every table indexed by codes is trained as a sum of parts: the
+tokenizer's codebook and the SigVQ embedding as cell + empty or cell + shape + colour, the backbone's
+embedding and head rows as cell + the words naming the cell, the shape and the colour. That keeps the
+held-out purple triangle reachable: its codes are never seen in training, but their rows are made of parts
+that are.
+
+The backbone's objective is masked diffusion plus two aids a tiny model needs on a CPU budget: codes of
+shapes weigh more than empty cells' codes, and one head per guided layer is taught where to look
+(`guidance`). runtime/tiny/README.md says why.
 
 Held out of every stage's data: each scene with a purple triangle, and the riddles `tasks.py` holds out.
 Everything is seeded; the same torch version and thread count reproduce the same checkpoint.
