@@ -55,18 +55,21 @@ def test_world_labels_read_cells_shapes_and_colours_from_words_and_codes(codec):
                     "color": [train.COLORS.index("red"), -1], "is_code": [1, 1]}
 
 
-def test_a_noisy_block_sees_earlier_clean_blocks_and_itself_never_its_own_answer(codec):
+def test_a_noisy_copy_sees_earlier_clean_blocks_and_itself_never_its_answer_or_other_copies(codec):
     world = train.WorldLabels(codec)
     prompt = codec.encode_text("a " * 40)[:40]
     seq = sequence(prompt, codec.encode_text("b " * 50)[:50])
-    layout = train.noisy_layout(seq, random.Random(0), codec.special.mask, world)
+    layout = train.noisy_layout(seq, random.Random(0), codec.special.mask, world, copies=2)
     batch = train.pack([layout], 512)
     mask = batch["mask"][0]
-    kind, block = torch.tensor(layout.kind), torch.tensor(layout.block)
+    kind, block, group = torch.tensor(layout.kind), torch.tensor(layout.block), torch.tensor(layout.group)
+    # 90 tokens: the answer spans blocks 1 and 2, each copied twice; a copy never straddles blocks.
+    copies = {(int(b), int(g)) for b, g, k in zip(block, group, kind) if k == 1}
+    assert len(copies) == 4 and len({g for _, g in copies}) == 4 and {b for b, _ in copies} == {1, 2}
     for q in range(len(layout.ids)):
         for k in range(len(layout.ids)):
             if kind[q] == 1:
-                expected = bool((kind[k] == 0 and block[k] < block[q]) or (kind[k] == 1 and block[k] == block[q]))
+                expected = bool((kind[k] == 0 and block[k] < block[q]) or (kind[k] == 1 and group[k] == group[q]))
             else:
                 expected = bool(kind[k] == 0 and block[k] <= block[q])
             assert bool(mask[q, k]) == expected, (q, k)

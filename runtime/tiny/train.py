@@ -743,25 +743,28 @@ class SequenceBuilder:
 class Layout:
     """One example as the model trains on it: clean blocks, then noisy copies of the response blocks.
 
-    kind is 0 for clean tokens and 1 for noisy ones; target is -100 where there is no loss; labels are the
-    WorldLabels of each token's true id.
+    kind is 0 for clean tokens and 1 for noisy ones; group tells noisy copies apart (0 for clean tokens);
+    target is -100 where there is no loss; labels are the WorldLabels of each token's true id.
     """
 
     ids: list[int]
     positions: list[int]
     kind: list[int]
     block: list[int]
+    group: list[int]
     target: list[int]
     labels: dict[str, list[int]]
 
 
-def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: WorldLabels) -> Layout:
-    """The "clean copy + noisy copy" layout of block diffusion training.
+def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: WorldLabels,
+                 copies: int = 1) -> Layout:
+    """The "clean copy + noisy copies" layout of block diffusion training.
 
-    Noisy block k (a copy of block k with some response tokens masked) sees itself and clean blocks < k; a
-    clean block sees clean blocks up to its own; both copies keep the absolute positions. Each noisy block
-    draws its own mask ratio in (0, 1] (or 1); blocks holding image codes mask only their codes half the
-    time.
+    A noisy copy of block k (block k with some response tokens masked) sees itself and clean blocks < k; a
+    clean block sees clean blocks up to its own; every copy keeps the absolute positions. Each response
+    block gets `copies` noisy copies with their own masks (the clean blocks, computed once, feed them all).
+    Each copy draws its own mask ratio in (0, 1] (or 1); blocks holding image codes mask only their codes
+    half the time.
     """
     length = len(seq.ids)
     blocks = -(-length // BLOCK)
@@ -771,26 +774,29 @@ def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: Wo
     positions = list(range(clean_end))
     kind = [0] * clean_end
     block = [p // BLOCK for p in range(clean_end)]
+    group = [0] * clean_end
     target = [-100] * clean_end
     for b in range(first, blocks):
         span = range(b * BLOCK, min(length, (b + 1) * BLOCK))
-        candidates = [p for p in span if seq.response[p]]
-        if any(seq.code[p] for p in span) and rng.random() < CODES_ONLY_MASK:
-            candidates = [p for p in span if seq.code[p]]
-        # A share of fully masked blocks: the first denoising step, which decides short answers, sees those.
-        ratio = 1.0 if rng.random() < FULL_MASK else 1.0 - rng.random()
-        masked = {p for p in candidates if rng.random() < ratio}
-        if candidates and not masked:
-            masked = {rng.choice(candidates)}
-        for p in span:
-            ids.append(mask_id if p in masked else seq.ids[p])
-            positions.append(p)
-            kind.append(1)
-            block.append(b)
-            target.append(seq.ids[p] if p in masked else -100)
+        for copy in range(copies):
+            candidates = [p for p in span if seq.response[p]]
+            if any(seq.code[p] for p in span) and rng.random() < CODES_ONLY_MASK:
+                candidates = [p for p in span if seq.code[p]]
+            # A share of fully masked copies: the first denoising step, deciding short answers, sees those.
+            ratio = 1.0 if rng.random() < FULL_MASK else 1.0 - rng.random()
+            masked = {p for p in candidates if rng.random() < ratio}
+            if candidates and not masked:
+                masked = {rng.choice(candidates)}
+            for p in span:
+                ids.append(mask_id if p in masked else seq.ids[p])
+                positions.append(p)
+                kind.append(1)
+                block.append(b)
+                group.append(1 + (b - first) * copies + copy)
+                target.append(seq.ids[p] if p in masked else -100)
     truth = world(seq.ids)
     labels = {field: [values[p] for p in positions] for field, values in truth.items()}
-    return Layout(ids, positions, kind, block, target, labels)
+    return Layout(ids, positions, kind, block, group, target, labels)
 
 
 def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
@@ -804,22 +810,23 @@ def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
         else:
             rows.append([layout])
     width = max(sum(len(item.ids) for item in row) for row in rows)
-    fields = {"ids": 0, "positions": 0, "doc": -1, "kind": 0, "block": 0, "target": -100}
+    fields = {"ids": 0, "positions": 0, "doc": -1, "kind": 0, "block": 0, "group": 0, "target": -100}
     arrays = {name: np.full((len(rows), width), fill, dtype=np.int64) for name, fill in fields.items()}
     for r, row in enumerate(rows):
-        for name in ("ids", "positions", "kind", "block", "target"):
+        for name in ("ids", "positions", "kind", "block", "group", "target"):
             values = np.concatenate([getattr(item, name) for item in row])
             arrays[name][r, :len(values)] = values
         docs = np.concatenate([np.full(len(item.ids), d) for d, item in enumerate(row)])
         arrays["doc"][r, :len(docs)] = docs
     ids, positions, target = (torch.from_numpy(arrays[name]) for name in ("ids", "positions", "target"))
     # Small integer types: the [rows, width, width] comparisons below are the costly part.
-    doc, kind, block = (torch.from_numpy(arrays[name].astype(np.int16)) for name in ("doc", "kind", "block"))
+    doc, kind, block, group = (torch.from_numpy(arrays[name].astype(np.int16))
+                               for name in ("doc", "kind", "block", "group"))
     same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
     kq, kk = kind[:, :, None], kind[:, None, :]
     bq, bk = block[:, :, None], block[:, None, :]
-    visible = ((kq == 0) & (kk == 0) & (bk <= bq)) | ((kq == 1) & (kk == 1) & (bk == bq)) | (
-        (kq == 1) & (kk == 0) & (bk < bq))
+    visible = ((kq == 0) & (kk == 0) & (bk <= bq)) | (
+        (kq == 1) & (kk == 1) & (group[:, :, None] == group[:, None, :])) | ((kq == 1) & (kk == 0) & (bk < bq))
     mask = same & visible
     labels = {}
     for field in WorldLabels.FIELDS:
@@ -881,6 +888,8 @@ EXAMPLES_PER_STEP = 24  # about 2200 tokens: many small steps learn faster than 
 # The task mixture, with stories (the longest conversations, no accuracy target of their own) halved.
 MIXTURE = {**tasks.DEFAULT_WEIGHTS, "story": 0.5}
 ROW_LENGTH = 256
+# Noisy copies of each answer block per conversation (each with its own mask) and the packed row length.
+NOISY_COPIES = 1
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
@@ -1034,7 +1043,8 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     for step in range(start + 1, steps + 1):
         examples = [tasks.sample_mixture(rng, MIXTURE, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
         codes.prepare([scene for example in examples for scene in example.scenes()])
-        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world) for example in examples]
+        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world, NOISY_COPIES)
+                   for example in examples]
         seen += len(layouts)
         loss = backbone.loss({k: v.to(device) for k, v in pack(layouts, ROW_LENGTH).items()})
         optimizer.zero_grad(set_to_none=True)
