@@ -111,7 +111,7 @@ def test_guidance_points_codes_at_their_cell_and_answer_words_at_the_codes_holdi
             assert seen == {train.cell_code("top-left", None) + 1 + train.COLORS.index("red")}
 
 
-def test_the_loss_weighs_shape_codes_and_adds_the_guidance_term(codec):
+def test_the_loss_adds_guidance_and_reading_terms_that_stay_out_of_the_checkpoint(codec):
     world = train.WorldLabels(codec)
     torch.manual_seed(0)
     backbone = train.Backbone(train.backbone_config(codec.special.as_dict()), codec)
@@ -120,8 +120,16 @@ def test_the_loss_weighs_shape_codes_and_adds_the_guidance_term(codec):
     batch = train.pack([train.noisy_layout(seq, random.Random(1), codec.special.mask, world)], 512)
     loss = backbone.loss(batch)
     assert torch.isfinite(loss)
-    assert loss.item() == pytest.approx(backbone.last["tokens"] + train.GUIDE_WEIGHT * backbone.last["guide"], rel=1e-5)
-    assert backbone.last["guide"] > 0
+    last = backbone.last
+    expected = last["tokens"] + train.GUIDE_WEIGHT * last["guide"] + train.READ_WEIGHT * last["read"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert last["guide"] > 0 and last["read"] > 0
     loss.backward()
-    gate = backbone.model.model.layers[train.GUIDED_LAYERS[0]].attention.query_key_value.weight
-    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    guided = backbone.model.model.layers[train.GUIDED_LAYERS[0]].attention.query_key_value.weight
+    assert guided.grad is not None and guided.grad.abs().sum() > 0
+    # The reading heads train with the model but are not part of the checkpoint.
+    reader = backbone.model.readers[str(train.GUIDED_LAYERS[0])].weight
+    assert reader.grad is not None and reader.grad.abs().sum() > 0
+    exported = backbone.export_state()
+    assert not any("readers" in name for name in exported)
+    assert set(exported) == set(train.LLaDA2MoeModelLM(train.LLaDA2MoeConfig(**backbone.config)).state_dict())

@@ -82,7 +82,7 @@ TOKENIZER_STEPS = 600
 DECODER_STEPS = 1500
 NORMAL_STEPS = 400
 TURBO_STEPS = 300
-BACKBONE_STEPS = 9000
+BACKBONE_STEPS = 7000
 
 GRID = 3  # code grid side: one code per world cell
 TOKENIZER_PIXELS = 48  # the image tokenizer's input side (16 px patches)
@@ -893,6 +893,10 @@ NOISY_COPIES = 1
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
+# Each guided layer also says what a masked code's cell holds (empty, or which shape in which colour) through
+# a training-only head: what the guided head found must be readable right there, which trains the copy path
+# that looking alone does not. (Predicting the whole token there instead does not help: "empty" wins again.)
+READ_WEIGHT = 1.0
 # A code holding a shape counts this many times an empty cell's code or a word: most codes of a picture are
 # empty, and without the weight "empty everywhere" is a deep, flat valley the lookups never leave.
 SHAPE_CODE_WEIGHT = 5.0
@@ -933,8 +937,14 @@ class Backbone:
                 self.loads[module] = torch.zeros(config["num_experts"])
                 module.register_forward_hook(self._count)
         self.guided: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.read: dict[str, torch.Tensor] = {}
+        # Training-only heads reading what a masked code's cell holds off each guided layer; part of the model
+        # so the optimizer and the resumable state hold them, left out of the checkpoint.
+        self.model.readers = nn.ModuleDict({str(layer): nn.Linear(hidden, CONTENTS) for layer in GUIDED_LAYERS})
         for layer in GUIDED_LAYERS:
             self.model.model.layers[layer].attention.register_forward_pre_hook(self._keep_inputs)
+            self.model.model.layers[layer].register_forward_hook(
+                lambda _module, _inputs, outputs, key=str(layer): self.read.__setitem__(key, outputs[0]))
         self.last: dict[str, float] = {}
 
     def _count(self, module: nn.Module, _inputs, outputs) -> None:
@@ -946,19 +956,28 @@ class Backbone:
         self.guided.append((module, x, cos, sin))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masked-token cross-entropy (codes of shapes weighted up) plus the attention guidance term."""
-        self.guided = []
+        """Masked-token cross-entropy (codes of shapes weighted up), the attention guidance term, and what
+        each masked code's cell holds read off each guided layer by its training-only head."""
+        self.guided, self.read = [], {}
         hidden, _ = self.model.model(batch["ids"], batch["positions"], None, batch["mask"])
         chosen = batch["target"] >= 0
         targets = batch["target"][chosen]
-        logits = self.model.lm_head(hidden[chosen]).float()
         offset = self.config["image_token_offset"]
         shape_code = (targets >= offset) & ((targets - offset) % CONTENTS != 0) & (targets - offset < USED_CODES)
         weights = torch.where(shape_code, SHAPE_CODE_WEIGHT, 1.0)
-        tokens = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+
+        def weighted(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum() / weights.sum()
+
+        tokens = weighted(self.model.lm_head(hidden[chosen]), targets, weights)
+        code = chosen & (batch["target"] >= offset) & (batch["target"] < offset + USED_CODES)
+        contents = (batch["target"][code] - offset) % CONTENTS
+        content_weights = torch.where(contents != 0, SHAPE_CODE_WEIGHT, 1.0)
+        read = torch.stack([weighted(self.model.readers[key](h[code]), contents, content_weights)
+                            for key, h in self.read.items()]).mean() if code.any() else hidden.new_zeros(())
         guide = torch.stack([self._guide_loss(*kept, batch["mask"], batch["guide"]) for kept in self.guided]).mean()
-        self.last = {"tokens": tokens.item(), "guide": guide.item()}
-        return tokens + GUIDE_WEIGHT * guide
+        self.last = {"tokens": tokens.item(), "guide": guide.item(), "read": read.item()}
+        return tokens + GUIDE_WEIGHT * guide + READ_WEIGHT * read
 
     @staticmethod
     def _guide_loss(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -986,7 +1005,7 @@ class Backbone:
         """The checkpoint's tensors (official names), in the storage dtype; expert_bias stays fp32."""
         state = {}
         for name, tensor in self.model.state_dict().items():
-            if ".table." in name:
+            if ".table." in name or name.startswith("readers."):
                 continue
             state[name] = tensor if name.endswith("expert_bias") else tensor.to(STORAGE_DTYPE)
         state["model.word_embeddings.weight"] = self.model.model.word_embeddings.table.weight().detach()
@@ -1057,7 +1076,8 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
         if step % 100 == 0 or step == steps:
             rate = (time.time() - started) / (step - start)
             log(f"backbone step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}; tokens "
-                f"{backbone.last['tokens']:.4f}, guide {backbone.last['guide']:.4f}) {rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
+                f"{backbone.last['tokens']:.4f}, guide {backbone.last['guide']:.4f}, read {backbone.last['read']:.4f}) "
+                f"{rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
                 f"{codes.agree}/{codes.total} scenes")
         if step % SAVE_EVERY == 0 or step == steps:
             work.mkdir(parents=True, exist_ok=True)
