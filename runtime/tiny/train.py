@@ -1087,6 +1087,7 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
             backbone.save(out)
         if probe_every and step % probe_every == 0:
             backbone.save(out)
+            first_step_accuracy(out, seed + step, count=15)
             check_backbone(out, seed + step, count=8)
     log(f"backbone -> {out}; {time.time() - started:.0f} s")
 
@@ -1229,6 +1230,49 @@ class Probe:
         raise ValueError(f"no probe for family {family!r}")
 
 
+FIRST_STEP_FAMILIES = ("edit", "t2i", "qa", "caption")
+
+
+def first_step_accuracy(out: Path, seed: int, count: int) -> dict[str, float]:
+    """How often one forward with every answer token masked — the first denoising step — puts its best guess
+    on the right token: for codes of cells holding a shape, and for answer words. A quicker, finer signal of
+    learning than the end-to-end probes (one forward per example), and the one runtime/tiny/README.md quotes.
+    """
+    model = load_backbone(out).eval()
+    codes = SceneCodes(out / "image_tokenizer")
+    builder = SequenceBuilder(out, codes)
+    codec, mask_id = builder.codec, builder.codec.special.mask
+    rng = random.Random(seed)
+    hits: dict[str, list[bool]] = {}
+    for family in FIRST_STEP_FAMILIES:
+        for _ in range(count):
+            example = tasks.sample_example(family, rng)
+            codes.prepare(example.scenes())
+            seq = builder.build(example, random.Random(rng.random()))
+            first = seq.response.index(True)
+            end = min(len(seq.ids), (first // BLOCK + 1) * BLOCK)
+            ids = torch.tensor([[mask_id if r else t for t, r in zip(seq.ids[:end], seq.response[:end])]])
+            blocks = torch.arange(end) // BLOCK
+            with torch.no_grad():
+                logits = model(ids, torch.arange(end)[None], attention_mask=(blocks[None] <= blocks[:, None])[None]).logits[0]
+            for position in range(first, end):
+                token = seq.ids[position]
+                if not seq.response[position] or token == codec.special.eos:
+                    continue
+                if codec.is_image_id(token):
+                    if codec.code_of(token) % CONTENTS == 0:  # empty cells are easy: their position names them
+                        continue
+                    kind = "shape code"
+                elif family in ("qa", "caption"):
+                    kind = "answer word"
+                else:  # the header and end of a generated picture
+                    continue
+                hits.setdefault(f"{family} {kind}", []).append(int(logits[position].argmax()) == token)
+    results = {name: mean(values) for name, values in hits.items()}
+    log("first-step accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+    return results
+
+
 def check_backbone(out: Path, seed: int, count: int) -> dict[str, float]:
     """Exact-answer accuracy per task family on fresh held-in examples and on held-out ones."""
     probe = Probe(out)
@@ -1266,7 +1310,7 @@ VISION_STAGES = ("vae", "image-tokenizer", "decoder")
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runtime.tiny.train", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "check"],
+    parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "check", "first-step"],
                         help="'vision' is vae, image-tokenizer and decoder in turn; 'all' is every stage")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder to write")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llada-tiny-train"),
@@ -1304,6 +1348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif stage == "backbone":
             timed("backbone stage", lambda: train_backbone(out, args.work, seed + 5, steps(BACKBONE_STEPS, scale),
                                                            args.resume, args.device, args.probe_every))
+        elif stage == "first-step":
+            first_step_accuracy(out, seed + 7, count=args.probe * 2)
         elif stage == "check":
             if args.stage == "check":
                 check_vision(out, seed + 4, count=24)
