@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS)
-    parser.add_argument("--decoder", default="turbo", choices=["normal", "turbo"])
+    parser.add_argument("--decoder", default=None, choices=["normal", "turbo"], help="default: the model's")
     parser.add_argument("--decoder-steps", type=int, default=None)
     parser.add_argument("--image-steps", type=int, default=8, help="denoising steps per block for pictures")
     args = parser.parse_args()

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default="tiny", help='"tiny", a checkpoint folder, or a Hub id')
     common.add_argument("--device", default="cpu")
     common.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU)")
-    common.add_argument("--decoder", default="normal", choices=["normal", "turbo"], help="image decoder")
+    common.add_argument("--decoder", default=None, choices=["normal", "turbo"],
+                        help="image decoder (default: the checkpoint's recommendation, else normal)")
     common.add_argument("--steps", type=int, default=None, help="denoising steps per block for pictures")
     common.add_argument("--max-tokens", type=int, default=None, help="most tokens of text per answer")
     common.add_argument("--seed", type=int, default=None)

@@ -29,7 +29,7 @@ class EvalConfig:
 
     samples: int = 50
     seed: int = 1234
-    decoder_mode: str = "turbo"
+    decoder_mode: str | None = None  # None: the model's default
     decoder_steps: int | None = None
     image_steps: int = 8
     families: Sequence[str] = field(default_factory=lambda: list(ALL_METRICS))

@@ -33,6 +33,7 @@ from runtime.tokens import TokenCodec
 
 from .errors import ImageError, InvalidInputError, ModelClosed, ModelLoadError, wrap
 from .prompts import ChatIds, chat_ids
+from .recommended import Recommended
 from .schemas import CacheInfo, DecoderMode, ImagePart, Task
 
 ImagePurpose = Literal["understanding", "editing"]
@@ -51,14 +52,16 @@ def load(
     cache: bool = True,
     max_active: int = 16,
     max_queue: int = 256,
-    decoder_mode: DecoderMode = "normal",
+    decoder_mode: DecoderMode | None = None,
 ) -> Model:
     """A model for `source` ("tiny", a checkpoint folder in the official layout, or a Hub id "owner/name").
 
     Nothing loads until the model starts: use `async with load(...) as model` (or `await model.start()`).
     `dtype` defaults to float32 on CPU and bfloat16 elsewhere; `cache_bytes` bounds the prefix cache (None:
     no bound); `max_active` requests step together in the engine, `max_queue` more may wait;
-    `decoder_mode` is the default image decoder ("normal" ~50 steps, "turbo" ~8).
+    `decoder_mode` is the default image decoder ("normal" ~50 steps, "turbo" ~8; None: what the checkpoint
+    recommends, else "normal"). A checkpoint's `llada_agent.json` may also recommend sampling settings (see
+    `llada_agent.recommended`); options a caller sets always win.
     """
     return Model(source, device=device, dtype=dtype, cache_bytes=cache_bytes, cache=cache,
                  max_active=max_active, max_queue=max_queue, decoder_mode=decoder_mode)
@@ -77,21 +80,22 @@ class Model:
         cache: bool = True,
         max_active: int = 16,
         max_queue: int = 256,
-        decoder_mode: DecoderMode = "normal",
+        decoder_mode: DecoderMode | None = None,
     ):
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise InvalidInputError(f"device {device!r} is not a torch device: {exc}") from exc
         self.dtype = _resolve_dtype(dtype, self.device)
-        if decoder_mode not in ("normal", "turbo"):
+        if decoder_mode not in ("normal", "turbo", None):
             raise InvalidInputError(f"decoder_mode must be 'normal' or 'turbo', got {decoder_mode!r}")
         if cache_bytes is not None and cache_bytes < 0:
             raise InvalidInputError("cache_bytes must be >= 0 or None")
         if max_active < 1 or max_queue < 1:
             raise InvalidInputError("max_active and max_queue must be >= 1")
         self.source = source
-        self.decoder_mode: DecoderMode = decoder_mode
+        self._decoder_mode = decoder_mode
+        self.decoder_mode: DecoderMode = decoder_mode or "normal"  # until the checkpoint says otherwise
         self.warnings: list[str] = []
         self._engine_args = {"cache_bytes": cache_bytes, "cache_enabled": cache, "max_active": max_active,
                              "max_queue": max_queue}
@@ -128,6 +132,8 @@ class Model:
         self.vocab = vocab_layout(codec)
         self.context_length: int = int(getattr(backbone.config, "max_position_embeddings", 8192))
         self._native_grid = _native_grid(root)
+        self.recommended = Recommended.from_folder(root)
+        self.decoder_mode = self._decoder_mode or self.recommended.decoder_mode or "normal"
         self.fingerprint = _fingerprint(root)
         self._engine = Engine(backbone, self.vocab, **self._engine_args)
 

@@ -429,9 +429,10 @@ async def _read_images(model: Model, parts: Sequence[Any]) -> list[Any]:
 
 
 def _revalidate(options: Any, **changes: Any) -> Any:
-    """A copy of options with `changes`, validated (copies made with model_copy are not)."""
+    """A copy of options with `changes`, validated (copies made with model_copy are not). Fields the caller
+    left unset stay unset, so a checkpoint's recommended settings still fill them."""
     try:
-        return type(options).model_validate({**dict(options), **changes})
+        return type(options).model_validate({**{k: getattr(options, k) for k in options.model_fields_set}, **changes})
     except ValidationError as exc:
         raise InvalidInputError(f"invalid {type(options).__name__}: {_first_errors(exc)}") from exc
 

@@ -374,7 +374,7 @@ class TurnRunner:
                     self.progress.warnings.append(f"drawing skipped: {draw.reason}")
                 return thinking, [ThinkingPart(text=plan)], "skipped"
             if isinstance(draw, Draw) and draw.options is not None:
-                image_options = draw.options
+                image_options = self.model.recommended.apply(draw.options)
             header = self.codec.image_header(*grid)
             cond = self.prompt + thinking + header
             self._check_fits(len(cond), grid)
@@ -392,7 +392,7 @@ class TurnRunner:
                 break
             attempt += 1
             if verdict.options is not None:
-                image_options = verdict.options
+                image_options = self.model.recommended.apply(verdict.options)
             if verdict.feedback:
                 thinking = thinking + self.codec.encode_text(
                     prompts.render("redraw_feedback.j2", feedback=verdict.feedback))
@@ -504,7 +504,7 @@ class TurnRunner:
         options = self.options if self.options is not None else default
         if not isinstance(options, kind):
             raise InvalidInputError(f"a {self.task!r} turn takes {kind.__name__}, got {type(options).__name__}")
-        return options
+        return self.model.recommended.apply(options)
 
 
 def _codes(part: ImagePart) -> Any:

@@ -902,6 +902,11 @@ READ_WEIGHT = 1.0
 SHAPE_CODE_WEIGHT = 5.0
 # Steps between saves of the resumable state: a run cut short (a closed laptop) loses at most this many.
 SAVE_EVERY = 250
+# The settings the trained model works best with, written next to it for the SDK (`llada_agent.recommended`):
+# guidance at the official 4.0 over-steers this small model (20 samples each, held-in scenes: text to image
+# 0.95 at 2.0 vs 0.85 at 4.0, edits 1.00 vs 0.70), and the turbo decoder reads back truer than the normal one.
+RECOMMENDED = {"decoder_mode": "turbo",
+               "options": {"image": {"cfg_scale": 2.0}, "edit": {"cfg_text_scale": 2.0}}}
 
 
 def moe_forward(self: LLaDA2MoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
@@ -1016,6 +1021,7 @@ class Backbone:
 
     def save(self, out: Path) -> None:
         write_json(out / "config.json", self.config)
+        write_json(out / "llada_agent.json", RECOMMENDED)
         save_file(self.export_state(), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
