@@ -78,10 +78,11 @@ Emit = Callable[[Any], Awaitable[None]]
 # Option conversion
 
 
-def runtime_text_options(options: TextOptions, stop_ids: frozenset[int] | None = None) -> rt.TextOptions:
+def runtime_text_options(options: TextOptions, stop_ids: frozenset[int] | None = None,
+                         forbid_ids: frozenset[int] = frozenset()) -> rt.TextOptions:
     return rt.TextOptions(max_new_tokens=options.max_tokens, steps=options.steps, threshold=options.threshold,
                           temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                          stop_ids=stop_ids, seed=options.seed)
+                          stop_ids=stop_ids, forbid_ids=forbid_ids, seed=options.seed)
 
 
 def runtime_image_options(options: ImageOptions | EditOptions, *, cfg_scale: float = 1.0,
@@ -221,7 +222,8 @@ class TurnRunner:
         return result
 
     async def _text(self, prompt: list[int], options: TextOptions, *, thinking: bool,
-                    stop_ids: frozenset[int] | None = None) -> rt.GenerationResult:
+                    stop_ids: frozenset[int] | None = None, forbid_ids: frozenset[int] = frozenset(),
+                    ) -> rt.GenerationResult:
         streamer = _TextStreamer(self.codec, ThinkingBlock if thinking else TextBlock)
 
         async def on_event(raw: Any) -> None:
@@ -230,7 +232,12 @@ class TurnRunner:
                 if event is not None:
                     await self.emit(event)
 
-        return await self._request(TextRequest(prompt, runtime_text_options(options, stop_ids)), on_event)
+        result = await self._request(TextRequest(prompt, runtime_text_options(options, stop_ids, forbid_ids)),
+                                     on_event)
+        rest = streamer.feed([], last=True)
+        if rest is not None:
+            await self.emit(rest)
+        return result
 
     async def _image(self, branches: list[list[int]], grid: tuple[int, int], options: rt.ImageOptions,
                      decode: ImageOptions | EditOptions) -> ImagePart:
@@ -324,7 +331,8 @@ class TurnRunner:
 
     async def _chat(self, user_parts: list[Any]) -> tuple[list[int], list[Any], FinishReason]:
         options = self._options(TextOptions, TextOptions())
-        result = await self._text(self.prompt, options, thinking=False)
+        # A chat answer is text: image markup (a header's grid tokens) would only make it malformed.
+        result = await self._text(self.prompt, options, thinking=False, forbid_ids=self.codec.image_markup_ids)
         output = read_text(self.codec, result.ids)
         finish: FinishReason = result.finish_reason if output.warning is None else "malformed"
         if output.warning:
@@ -531,7 +539,9 @@ class _TextStreamer:
         self.sent_text = ""
         self.stopped = False
 
-    def feed(self, block: list[int]) -> Any:
+    def feed(self, block: list[int], *, last: bool = False) -> Any:
+        """The delta of one more block; `last`: the text ends here, bytes held back so far go out as they are
+        (an answer cut off inside a character ends with U+FFFD, in the reply and in the stream alike)."""
         if self.stopped:
             return None
         self.ids += block
@@ -539,7 +549,7 @@ class _TextStreamer:
         if cut < len(self.ids):
             self.stopped = True
         text = self.codec.decode(self.ids[:cut])
-        if not self.stopped:
+        if not (self.stopped or last):
             text = text.rstrip("\ufffd")
         if not text.startswith(self.sent_text) or len(text) == len(self.sent_text):
             return None

@@ -9,6 +9,8 @@ top-k / top-p -> proposal (token + confidence) -> commit selection (threshold, e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -54,12 +56,15 @@ def constrain_vocab(logits: Tensor, allowed: range | None) -> Tensor:
     return out
 
 
-def forbid_ids(logits: Tensor, ids: range | None) -> Tensor:
+def forbid_ids(logits: Tensor, ids: range | Sequence[int] | None) -> Tensor:
     """Logits with the ids of `ids` set to -inf (None changes nothing)."""
     if ids is None or len(ids) == 0:
         return logits
     out = logits.clone()
-    out[..., ids.start : ids.stop] = float("-inf")
+    if isinstance(ids, range) and ids.step == 1:
+        out[..., ids.start : ids.stop] = float("-inf")
+    else:
+        out[..., torch.as_tensor(list(ids), device=logits.device)] = float("-inf")
     return out
 
 

@@ -71,6 +71,7 @@ class TextOptions:
     top_p: float | None = None
     stop_ids: frozenset[int] | None = None  # None: stop at end-of-text
     allow_image_ids: bool = False  # interleaved writing lets the model emit image codes itself
+    forbid_ids: frozenset[int] = frozenset()  # never written either (a plain answer holds no image markup)
     seed: int | None = None
 
     def validate(self) -> None:
@@ -239,6 +240,7 @@ class GenerationTask:
         self._forbidden = None
         if kind == "text" and not (isinstance(options, TextOptions) and options.allow_image_ids):
             self._forbidden = range(vocab.image_offset, vocab.vocab_size)
+        self._forbidden_ids = sorted(options.forbid_ids) if isinstance(options, TextOptions) else []
 
         layers = config.num_hidden_layers
         heads = config.num_key_value_heads
@@ -391,7 +393,7 @@ class GenerationTask:
         masked = block == self.vocab.mask_id
         guided = self._guide(logits)
         guided = diffusion.constrain_vocab(guided, self._allowed)
-        guided = diffusion.forbid_ids(guided, self._forbidden)
+        guided = diffusion.forbid_ids(diffusion.forbid_ids(guided, self._forbidden), self._forbidden_ids)
         # MASK is the absence of a token: committing it would leave the position masked forever.
         guided = diffusion.forbid_ids(guided, range(self.vocab.mask_id, self.vocab.mask_id + 1))
         opts = self.options

@@ -365,6 +365,12 @@ class TokenCodec:
             raise SpanError(f"grid size must be an int in 1..{self.max_grid}, got {size!r}")
         return self._grid_ids[size - 1]
 
+    @property
+    def image_markup_ids(self) -> frozenset[int]:
+        """The ids that only an image span holds besides its codes: its markers and the grid tokens."""
+        special = self.special
+        return frozenset({special.image_start, special.boi, special.image_end, *self._grid_ids})
+
     def grid_size(self, token_id: int) -> int | None:
         """Return the grid size a token writes, or None when the id is not a grid token."""
         return self._grid_size_by_id.get(token_id)

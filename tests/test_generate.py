@@ -89,6 +89,16 @@ def test_text_generation_never_emits_image_codes_unless_allowed(model):
     assert all(t < VOCAB.image_offset for t in result.ids)
 
 
+def test_forbidden_ids_are_never_written_and_the_rest_of_the_answer_adapts(model):
+    free = generate_text(model, prompt(20), VOCAB, TextOptions(max_new_tokens=64, stop_ids=frozenset()))
+    banned = frozenset(sorted(set(free.ids))[:3])
+    options = TextOptions(max_new_tokens=64, stop_ids=frozenset(), forbid_ids=banned)
+    result = generate_text(model, prompt(20), VOCAB, options)
+    assert not banned & set(result.ids) and result.ids != free.ids
+    assert all(t < VOCAB.image_offset for t in result.ids)  # image codes stay forbidden too
+    assert result.ids == generate_text(model, prompt(20), VOCAB, options, mode="recompute").ids
+
+
 def test_block_events_add_up_to_the_result(model):
     events = []
     result = generate_text(model, prompt(40), VOCAB, TextOptions(max_new_tokens=50, stop_ids=frozenset()),

@@ -1,6 +1,7 @@
 """Sessions on a random tiny model: exact ids across turns, the prefix cache, concurrency, cancellation."""
 
 import asyncio
+import dataclasses
 
 import pytest
 from PIL import Image
@@ -36,7 +37,9 @@ def model(root):
 
 def stateless_text(model, prompt):
     """What the session should have written: a fresh, uncached generation of the same prompt."""
-    ids = rt.generate_text(model.backbone, prompt, model.vocab, RT_TEXT).ids
+    # A chat answer never writes image markup (grid tokens, image markers), as the session's turns do not.
+    options = dataclasses.replace(RT_TEXT, forbid_ids=model.codec.image_markup_ids)
+    ids = rt.generate_text(model.backbone, prompt, model.vocab, options).ids
     return read_text(model.codec, ids).ids
 
 
