@@ -38,13 +38,17 @@ from .session import Session
 
 
 class Progress:
-    """A one-line progress bar on stderr (silent when stderr is not a terminal and `quiet`)."""
+    """A one-line progress bar on stderr, redrawn in place (silent when stderr is not a terminal: a log
+    would collect every redraw)."""
 
-    def __init__(self, stream: Any = sys.stderr):
-        self.stream = stream
+    def __init__(self, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
         self.active = False
 
     def show(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
         width = 28
         filled = width * done // max(total, 1)
         self.stream.write(f"\r  {label:<16} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
@@ -59,19 +63,26 @@ class Progress:
 
 
 async def run_turn(session: Session, content: Any, *, task: str, options: Any = None, echo: bool = True) -> Reply:
-    """Run one turn, streaming text to stdout and image progress to stderr; returns the reply."""
+    """Run one turn, streaming text to stdout (a picture shows as "[picture N]" where it stands) and image
+    progress to stderr; returns the reply. The turn's output ends with a line break."""
     progress = Progress()
     reply = None
+    line_open = False  # stdout holds text not yet ended by a line break
     async with session.stream(content, task=task, options=options) as events:
         async for event in events:
             if isinstance(event, ThinkingBlock) and echo:
                 progress.end()
-                print(f"\033[2m{event.text}\033[0m", end="", flush=True)
+                print(_dim(event.text), end="", flush=True)
+                line_open = True
             elif isinstance(event, TextBlock) and echo:
                 progress.end()
                 print(event.text, end="", flush=True)
+                line_open = True
             elif isinstance(event, ImageStarted):
                 progress.end()
+                if echo:
+                    print(f"{' ' if line_open else '   '}[picture {event.index + 1}]", flush=True)
+                    line_open = False
                 progress.show("drawing", 0, event.grid[0] * event.grid[1])
             elif isinstance(event, ImageProgress):
                 progress.show("drawing", event.committed, event.total)
@@ -82,10 +93,15 @@ async def run_turn(session: Session, content: Any, *, task: str, options: Any = 
             elif isinstance(event, TurnDone):
                 reply = event.reply
     progress.end()
-    if echo and reply is not None and reply.text:
+    if line_open:
         print()
     assert reply is not None
     return reply
+
+
+def _dim(text: str) -> str:
+    """Thinking text, dimmed on a terminal."""
+    return f"\033[2m{text}\033[0m" if sys.stdout.isatty() else text
 
 
 def save_images(reply: Reply, out: Path, stem: str) -> list[Path]:
@@ -256,8 +272,6 @@ def _edit_options(args: argparse.Namespace) -> EditOptions:
 
 
 def _report_images(reply: Reply, out: Path, stem: str) -> None:
-    if reply.thinking is not None and not reply.thinking.endswith("\n"):
-        print()
     paths = save_images(reply, out, stem)
     for path in paths:
         print(f"   picture -> {path}")
