@@ -130,7 +130,7 @@ async def cmd_demo(args: argparse.Namespace) -> None:
 
         print("\n1. visual chat — the user shows a picture and asks about it")
         chat = model.session(mode="chat")
-        for question in ("what color is the circle?", "where is the blue square?"):
+        for question in ("describe the image.", "what shape is at the center?"):
             print(f"   user: {question}\n   model: ", end="")
             reply = await run_turn(chat, [picture, question], task="chat", options=_text_options(args))
             entries.append((question, [picture], reply))

@@ -19,10 +19,6 @@ from runtime.tokens import TokenCodec
 from runtime.vision.decoder import ImageDecoder
 from runtime.vision.encoder import ImageTokenizer
 
-pytestmark = pytest.mark.skipif(
-    not (TINY_CHECKPOINT / "config.json").is_file(), reason="the tiny checkpoint is not built"
-)
-
 SCENE = Scene.of(Shape("circle", "red", "top-left"), Shape("triangle", "blue", "center"))
 # The code layout of the tiny tokenizer: cell * 19 + content (0 empty, 1 + shape * 6 + color).
 SCENE_CODES = [1, 19, 38, 57, 91, 95, 114, 133, 152]
