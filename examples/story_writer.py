@@ -23,8 +23,8 @@ async def main(args: argparse.Namespace) -> None:
             async for event in events:
                 if event.type == "text_block":
                     print(event.text, end="", flush=True)
-                elif event.type == "image_decoded":
-                    print(f" [picture {event.index + 1}]", end="", flush=True)
+                elif event.type == "image_started":  # where the picture stands (it decodes in the background)
+                    print(f" [picture {event.index + 1}]", flush=True)
                 elif event.type == "turn_done":
                     reply = event.reply
         page = write_page(Path(args.out) / "story.html", args.prompt, [(args.prompt, [], reply)])
