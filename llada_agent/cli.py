@@ -62,27 +62,27 @@ class Progress:
             self.active = False
 
 
-async def run_turn(session: Session, content: Any, *, task: str, options: Any = None, echo: bool = True) -> Reply:
-    """Run one turn, streaming text to stdout (a picture shows as "[picture N]" where it stands) and image
-    progress to stderr; returns the reply. The turn's output ends with a line break."""
+async def run_turn(session: Session, content: Any, *, task: str, options: Any = None, echo: bool = True,
+                   indent: str = "") -> Reply:
+    """Run one turn, streaming text to stdout (a picture shows as "[picture N]" where it stands; text after
+    it starts a line with `indent`) and image progress to stderr; returns the reply. The turn's output ends
+    with a line break."""
     progress = Progress()
     reply = None
     line_open = False  # stdout holds text not yet ended by a line break
+    after_picture = False
     async with session.stream(content, task=task, options=options) as events:
         async for event in events:
-            if isinstance(event, ThinkingBlock) and echo:
+            if isinstance(event, (ThinkingBlock, TextBlock)) and echo:
                 progress.end()
-                print(_dim(event.text), end="", flush=True)
-                line_open = True
-            elif isinstance(event, TextBlock) and echo:
-                progress.end()
-                print(event.text, end="", flush=True)
+                text = _dim(event.text) if isinstance(event, ThinkingBlock) else event.text
+                print(f"{indent if after_picture and not line_open else ''}{text}", end="", flush=True)
                 line_open = True
             elif isinstance(event, ImageStarted):
                 progress.end()
                 if echo:
                     print(f"{' ' if line_open else '   '}[picture {event.index + 1}]", flush=True)
-                    line_open = False
+                    line_open, after_picture = False, True
                 progress.show("drawing", 0, event.grid[0] * event.grid[1])
             elif isinstance(event, ImageProgress):
                 progress.show("drawing", event.committed, event.total)
@@ -156,7 +156,7 @@ async def cmd_demo(args: argparse.Namespace) -> None:
         prompt = "tell a story in 3 frames about a red circle."
         print(f"   user: {prompt}\n   model: ", end="")
         story = model.session(mode="story")
-        reply = await run_turn(story, prompt, task="story", options=_story_options(args, 3))
+        reply = await run_turn(story, prompt, task="story", options=_story_options(args, 3), indent=" " * 10)
         entries.append((prompt, [], reply))
         _report_images(reply, out, "story")
 
