@@ -9,8 +9,6 @@ top-k / top-p -> proposal (token + confidence) -> commit selection (threshold, e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -56,15 +54,16 @@ def constrain_vocab(logits: Tensor, allowed: range | None) -> Tensor:
     return out
 
 
-def forbid_ids(logits: Tensor, ids: range | Sequence[int] | None) -> Tensor:
-    """Logits with the ids of `ids` set to -inf (None changes nothing)."""
+def forbid_ids(logits: Tensor, ids: range | Tensor | None) -> Tensor:
+    """Logits with the ids of `ids` (a contiguous range, or a 1-D index tensor on the logits' device) set to
+    -inf (None changes nothing)."""
     if ids is None or len(ids) == 0:
         return logits
     out = logits.clone()
-    if isinstance(ids, range) and ids.step == 1:
+    if isinstance(ids, range):
         out[..., ids.start : ids.stop] = float("-inf")
     else:
-        out[..., torch.as_tensor(list(ids), device=logits.device)] = float("-inf")
+        out[..., ids] = float("-inf")
     return out
 
 

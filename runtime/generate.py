@@ -240,7 +240,10 @@ class GenerationTask:
         self._forbidden = None
         if kind == "text" and not (isinstance(options, TextOptions) and options.allow_image_ids):
             self._forbidden = range(vocab.image_offset, vocab.vocab_size)
-        self._forbidden_ids = sorted(options.forbid_ids) if isinstance(options, TextOptions) else []
+        # Built once: the index tensor is applied at every denoising step.
+        self._forbidden_ids = None
+        if isinstance(options, TextOptions) and options.forbid_ids:
+            self._forbidden_ids = torch.tensor(sorted(options.forbid_ids), dtype=torch.long, device=device)
 
         layers = config.num_hidden_layers
         heads = config.num_key_value_heads

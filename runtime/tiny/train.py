@@ -888,7 +888,7 @@ EXAMPLES_PER_STEP = 24  # about 2200 tokens: many small steps learn faster than 
 # The task mixture, with stories (the longest conversations, no accuracy target of their own) halved.
 MIXTURE = {**tasks.DEFAULT_WEIGHTS, "story": 0.5}
 ROW_LENGTH = 256
-# Noisy copies of each answer block per conversation (each with its own mask) and the packed row length.
+# Noisy copies of each answer block per conversation, each with its own mask.
 NOISY_COPIES = 1
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
@@ -1092,7 +1092,8 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
                         "torch_rng": torch.get_rng_state(), "step": step}, state_file)
             backbone.save(out)
         if probe_every and step % probe_every == 0:
-            backbone.save(out)
+            if step % SAVE_EVERY and step != steps:  # not written just above
+                backbone.save(out)
             first_step_accuracy(out, seed + step, count=15)
             check_backbone(out, seed + step, count=8)
     log(f"backbone -> {out}; {time.time() - started:.0f} s")
