@@ -94,7 +94,7 @@ class Model:
         if max_active < 1 or max_queue < 1:
             raise InvalidInputError("max_active and max_queue must be >= 1")
         self.source = source
-        self._decoder_mode = decoder_mode
+        self._asked_decoder_mode = decoder_mode  # the caller's choice; None defers to the checkpoint
         self.decoder_mode: DecoderMode = decoder_mode or "normal"  # until the checkpoint says otherwise
         self.warnings: list[str] = []
         self._engine_args = {"cache_bytes": cache_bytes, "cache_enabled": cache, "max_active": max_active,
@@ -133,7 +133,7 @@ class Model:
         self.context_length: int = int(getattr(backbone.config, "max_position_embeddings", 8192))
         self._native_grid = _native_grid(root)
         self.recommended = Recommended.from_folder(root)
-        self.decoder_mode = self._decoder_mode or self.recommended.decoder_mode or "normal"
+        self.decoder_mode = self._asked_decoder_mode or self.recommended.decoder_mode or "normal"
         self.fingerprint = _fingerprint(root)
         self._engine = Engine(backbone, self.vocab, **self._engine_args)
 
