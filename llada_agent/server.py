@@ -38,9 +38,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 try:
     from starlette.applications import Starlette
@@ -86,6 +86,21 @@ from .schemas import (
     ThinkOptions,
 )
 from .session import Session, TurnStream
+from .wire import (
+    DECODER_MODES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CreateSessionRequest,
+    ImageControls,
+    ImageEditsRequest,
+    ImageGeneration,
+    ImageGenerationsRequest,
+    ImageURLContent,
+    SessionMessageRequest,
+    TextContent,
+    parse,
+    summary,
+)
 
 __all__ = ["PayloadTooLarge", "ServerBusy", "ServerLimits", "SessionNotFound", "create_app", "serve"]
 
@@ -161,186 +176,6 @@ def _error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(_error_body(error), status_code=status, headers=headers)
 
 
-def _summary(exc: ValidationError, limit: int = 3) -> str:
-    errors = exc.errors(include_url=False)
-    shown = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in errors[:limit])
-    return shown + (f" (and {len(errors) - limit} more)" if len(errors) > limit else "")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Request bodies
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class ImageURL(_Strict):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None
-
-
-class TextContent(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURLContent(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL | str
-
-
-class ImageRefContent(_Strict):
-    """A picture of an assistant message, by its id in the message's `images` (interleaved replies)."""
-
-    type: Literal["image_ref"]
-    image_id: str
-
-
-ContentPart = Annotated[TextContent | ImageURLContent | ImageRefContent, Field(discriminator="type")]
-
-
-class ImageObject(_Strict):
-    """A picture as this server returns it (accepted back in an assistant message of the history)."""
-
-    id: str | None = None
-    data: str
-    format: str = "png"
-    width: int | None = None
-    height: int | None = None
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    image: ImageObject | None = None
-    images: list[ImageObject] | None = None
-
-
-DecodeMode = Literal["normal", "turbo", "decoder", "decoder-turbo"]
-_DECODER_MODES = {"normal": "normal", "decoder": "normal", "turbo": "turbo", "decoder-turbo": "turbo"}
-
-
-class ImageGeneration(_Strict):
-    """SGLang-Omni's `image_generation` object (plus `max_frames` of interleaved mode)."""
-
-    mode: Literal["normal", "thinking", "interleaved"] | None = None
-    image_h: int | None = Field(default=None, ge=1)
-    image_w: int | None = Field(default=None, ge=1)
-    cfg_scale: float | None = Field(default=None, ge=0.0)
-    cfg_rescale: float | None = Field(default=None, ge=0.0, le=1.0)
-    cfg_text_scale: float | None = Field(default=None, ge=0.0)
-    cfg_image_scale: float | None = Field(default=None, ge=0.0)
-    dllm_steps: int | None = Field(default=None, ge=1, le=1024)
-    decode_mode: DecodeMode | None = None
-    decoder_steps: int | None = Field(default=None, ge=1, le=1000)
-    seed: int | None = None
-    max_frames: int | None = Field(default=None, ge=1, le=64)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Strict):
-    """`POST /v1/chat/completions`. `dllm_steps` (top level, an extension) is the text's steps per block."""
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    modalities: list[Literal["text", "image"]] | None = Field(default=None, min_length=1)
-    image_generation: ImageGeneration | None = None
-    images: list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    n: Literal[1] | None = None
-    user: str | None = None
-    dllm_steps: int | None = Field(default=None, ge=1, le=1024)
-
-
-class SessionMessageRequest(ChatCompletionRequest):
-    """`POST /v1/sessions/{id}/messages`: one user message; `task` (optional) overrides what the turn does."""
-
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1)
-    task: Task | None = None
-
-
-class CreateSessionRequest(_Strict):
-    """`POST /v1/sessions`: a mode, an optional system prompt, and optionally a history to continue."""
-
-    mode: Task = "chat"
-    system: str | None = None
-    messages: list[ChatMessage] | None = None
-
-
-class _ImageControls(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    response_format: Literal["b64_json", "url"] | None = None
-    output_format: Literal["png"] | None = None
-    user: str | None = None
-    seed: int | None = None
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance_scale: float | None = Field(default=None, ge=0.0)
-    dllm_steps: int | None = Field(default=None, ge=1, le=1024)
-    cfg_scale: float | None = Field(default=None, ge=0.0)
-    cfg_rescale: float | None = Field(default=None, ge=0.0, le=1.0)
-    decode_mode: DecodeMode | None = None
-    decoder_steps: int | None = Field(default=None, ge=1, le=1000)
-
-    def generation(self, **extra: Any) -> ImageGeneration:
-        """The `image_generation` object these fields mean (OpenAI names mapped to SGLang-Omni's)."""
-        pairs = (("num_inference_steps", "decoder_steps"), ("guidance_scale", "cfg_scale"))
-        for native, ours in pairs:
-            a, b = getattr(self, native), getattr(self, ours)
-            if a is not None and b is not None and a != b:
-                raise InvalidInputError(f"{native} and {ours} disagree ({a} vs {b})")
-        fields = {"dllm_steps": self.dllm_steps, "cfg_rescale": self.cfg_rescale, "decode_mode": self.decode_mode,
-                  "decoder_steps": self.decoder_steps if self.decoder_steps is not None else self.num_inference_steps,
-                  "cfg_scale": self.cfg_scale if self.cfg_scale is not None else self.guidance_scale,
-                  "seed": self.seed, **extra}
-        try:
-            return ImageGeneration(**{k: v for k, v in fields.items() if v is not None})
-        except ValidationError as exc:
-            raise InvalidInputError(f"invalid request: {_summary(exc)}") from exc
-
-
-class ImageGenerationsRequest(_ImageControls):
-    """`POST /v1/images/generations` (OpenAI fields, plus SGLang-Omni's controls and mode)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    size: str | None = Field(default=None, pattern=r"^[0-9]+x[0-9]+$")
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
-    mode: Literal["normal", "thinking"] | None = None
-
-
-class ImageEditsRequest(_ImageControls):
-    """The form fields of `POST /v1/images/edits` besides the image (form values arrive as text)."""
-
-    cfg_text_scale: float | None = Field(default=None, ge=0.0)
-    cfg_image_scale: float | None = Field(default=None, ge=0.0)
-
-
-def _parse(schema: type[BaseModel], body: bytes) -> Any:
-    try:
-        return schema.model_validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise InvalidInputError(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from exc
-        raise InvalidInputError(f"invalid request: {_summary(exc)}") from exc
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Requests into turns: parts, task, options
 
@@ -409,7 +244,7 @@ async def _message(chat: ChatMessage, budget: _ImageBudget) -> Message:
     try:
         return Message(role=role, parts=parts)
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid {chat.role} message: {_summary(exc)}") from exc
+        raise InvalidInputError(f"invalid {chat.role} message: {summary(exc)}") from exc
 
 
 @dataclass(frozen=True)
@@ -466,7 +301,7 @@ def _options(task: Task, body: ChatCompletionRequest, gen: ImageGeneration) -> O
     text = _present(max_tokens=body.max_completion_tokens or body.max_tokens, steps=body.dllm_steps,
                     temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
     image = _present(steps=gen.dllm_steps, cfg_rescale=gen.cfg_rescale, decoder_steps=gen.decoder_steps,
-                     decoder_mode=_DECODER_MODES.get(gen.decode_mode or ""),
+                     decoder_mode=DECODER_MODES.get(gen.decode_mode or ""),
                      seed=gen.seed if gen.seed is not None else body.seed)
     sized = gen.image_h is not None or gen.image_w is not None
     if gen.max_frames is not None and task != "story":
@@ -494,7 +329,7 @@ def _options(task: Task, body: ChatCompletionRequest, gen: ImageGeneration) -> O
         return StoryOptions(max_frames=gen.max_frames or story.max_frames, text=_merged(story.text, text),
                             image=_merged(story.image, {**image, **guidance}))
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid generation options: {_summary(exc)}") from exc
+        raise InvalidInputError(f"invalid generation options: {summary(exc)}") from exc
 
 
 async def _user_content(body: ChatCompletionRequest, message: ChatMessage, budget: _ImageBudget) -> list[Any]:
@@ -655,7 +490,7 @@ class _Server:
     # ----- OpenAI-compatible endpoints
 
     async def chat_completions(self, request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await request.body())
+        body = parse(ChatCompletionRequest, await request.body())
         budget = _ImageBudget(self.limits)
         *history, last = body.messages
         content = await _user_content(body, last, budget)
@@ -665,7 +500,7 @@ class _Server:
         return await self._answer(session, turn, body)
 
     async def image_generations(self, request: Request) -> Response:
-        body = _parse(ImageGenerationsRequest, await request.body())
+        body = parse(ImageGenerationsRequest, await request.body())
         size = _requested_size(body)
         extra = _present(mode=body.mode, image_w=size[0] if size else None, image_h=size[1] if size else None)
         chat = ChatCompletionRequest(messages=[ChatMessage(role="user", content=body.prompt)],
@@ -685,7 +520,7 @@ class _Server:
             try:
                 body = ImageEditsRequest.model_validate(fields)
             except ValidationError as exc:
-                raise InvalidInputError(f"invalid request: {_summary(exc)}") from exc
+                raise InvalidInputError(f"invalid request: {summary(exc)}") from exc
             source = sources[0]
             data = await source.read() if isinstance(source, UploadFile) else source
         image = await _ImageBudget(self.limits).open(data)
@@ -695,7 +530,7 @@ class _Server:
         turn = _plan(chat, [image, TextPart(text=body.prompt)])
         return await self._images_response(turn, body)
 
-    async def _images_response(self, turn: _Turn, body: _ImageControls) -> Response:
+    async def _images_response(self, turn: _Turn, body: ImageControls) -> Response:
         session = self.model.session(mode=turn.task)
         reply = await session.send(turn.content, task=turn.task, options=turn.options, timeout=self.limits.turn_timeout)
         image = reply.image
@@ -722,7 +557,7 @@ class _Server:
 
     async def create_session(self, request: Request) -> Response:
         raw = await request.body()
-        body = _parse(CreateSessionRequest, raw) if raw.strip() else CreateSessionRequest()
+        body = parse(CreateSessionRequest, raw) if raw.strip() else CreateSessionRequest()
         if body.messages:
             budget = _ImageBudget(self.limits)
             messages = [await _message(message, budget) for message in body.messages]
@@ -755,7 +590,7 @@ class _Server:
     async def session_message(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
         entry = self.sessions.check_free(session_id)
-        body = _parse(SessionMessageRequest, await request.body())
+        body = parse(SessionMessageRequest, await request.body())
         content = await _user_content(body, body.messages[0], _ImageBudget(self.limits))
         turn = _plan(body, content, mode=entry.session.mode, task=body.task)
         return await self._answer(entry.session, turn, body, session_id=session_id)
