@@ -65,24 +65,24 @@ def test_a_follow_up_question_reuses_the_cached_picture():
     assert second.usage.cached_tokens >= (first.usage.prompt_tokens // 32) * 32
 
 
-def test_a_plan_corrected_by_a_hook_is_what_gets_drawn():
-    """`after_thinking` sees the model's own plan and replaces it (a verifier fixing a wrong step); the
-    picture follows the corrected plan."""
-    corrected = "round means circle; the color of the sky is blue; so a blue circle at the center."
+def test_a_plan_revised_by_a_hook_is_what_gets_drawn():
+    """`after_thinking` sees the model's own plan and replaces it (here a reviewer who wants green, whatever
+    the riddle said); the picture follows the revised plan, not the model's."""
+    revised = "round means circle; the color of a leaf is green; so a green circle at the center."
     seen: list[PlanReview] = []
 
-    def correct(review: PlanReview) -> Revise:
+    def revise(review: PlanReview) -> Revise:
         seen.append(review)
-        return Revise(plan=corrected)
+        return Revise(plan=revised)
 
     async def main():
         async with llada_agent.load("tiny") as model:
             session = model.session(mode="think")
             return await session.draw("draw a shape that is round in the color of the sky at the center.",
-                                      thinking=True, hooks=Hooks(after_thinking=correct))
+                                      thinking=True, hooks=Hooks(after_thinking=revise))
 
     reply = asyncio.run(main())
-    # The hook saw the model's own plan, which differs (for this prompt the bundled model concludes yellow).
-    assert len(seen) == 1 and seen[0].plan != corrected
-    assert reply.thinking == corrected
-    assert read_scene(reply.image.pil()) == Scene.of(Shape("circle", "blue", "center"))
+    # The hook saw the model's own plan (a sky riddle: it does not conclude green).
+    assert len(seen) == 1 and seen[0].plan.strip() and "green" not in seen[0].plan
+    assert reply.thinking == revised
+    assert read_scene(reply.image.pil()) == Scene.of(Shape("circle", "green", "center"))
