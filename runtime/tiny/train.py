@@ -386,11 +386,9 @@ def train_image_tokenizer(out: Path, seed: int, steps: int) -> SigLipVQ:
         model.vqmodel.quantize.embedding.weight.copy_(codebook)
     model.vqmodel.quantize.embedding.weight.requires_grad_(False)
     model.vqmodel.post_quant_conv.requires_grad_(False)  # shipped for strict loading, unused by decoding
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps, warmup=50)
     batch, temperature = 48, 20.0
-    for step in range(1, steps + 1):
+
+    def loss_of_step() -> torch.Tensor:
         scenes = [training_scene(rng) for _ in range(batch)]
         images = [tokenizer_view(s, rng) for s in scenes]
         grey = [rng.random() < 0.15 for _ in scenes]
@@ -405,14 +403,10 @@ def train_image_tokenizer(out: Path, seed: int, steps: int) -> SigLipVQ:
         content = labels % CONTENTS
         kind_labels = torch.where(content == 0, 0, (content - 1) // len(COLORS) + 1)
         shape_loss = F.cross_entropy(temperature * z @ kinds.t(), kind_labels)
-        loss = code_loss + 0.3 * shape_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps:
-            log(f"image tokenizer step {step}/{steps} loss {code_loss.item():.4f} (shape {shape_loss.item():.4f})")
+        return code_loss + 0.3 * shape_loss
+
+    optimize([p for p in model.parameters() if p.requires_grad], steps, lr=2e-3, warmup=50,
+             name="image tokenizer", loss_of_step=loss_of_step, weight_decay=0.01)
     model.eval()
     state = {"model." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "image_tokenizer.safetensors"))
@@ -478,8 +472,10 @@ def noised(x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def optimize(params: list[nn.Parameter], steps: int, lr: float, warmup: int, name: str,
-             loss_of_step: Callable[[], torch.Tensor]) -> None:
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+             loss_of_step: Callable[[], torch.Tensor], weight_decay: float = 0.0) -> None:
+    """AdamW with warm-up and cosine decay, gradients clipped at 1; `loss_of_step` draws a batch and
+    returns its loss."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine(optimizer, steps, warmup=warmup)
     for step in range(1, steps + 1):
         loss = loss_of_step()
