@@ -15,16 +15,6 @@ from runtime.testing.vision import DECODER_WEIGHTS, VAE_WEIGHTS, write_tiny_visi
 from runtime.vision.decoder import ImageDecoder, normal_timesteps, turbo_timesteps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are far too small to gain from intra-op threads, and on a shared CPU idle OpenMP workers
-    # spinning against other processes make every small op many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return write_tiny_vision_checkpoint(tmp_path_factory.mktemp("vision"), seed=0, num_codes=64)

@@ -27,16 +27,6 @@ from runtime.vision.preprocess import (
 PHOTOS = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are far too small to gain from intra-op threads, and on a shared CPU idle OpenMP workers
-    # spinning against other processes make every small op many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return write_tiny_vision_checkpoint(tmp_path_factory.mktemp("vision"), seed=0)
