@@ -9,6 +9,8 @@ top-k / top-p -> proposal (token + confidence) -> commit selection (threshold, e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -45,26 +47,25 @@ def cfg_rescale(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * guided * ratio + (1.0 - rescale) * guided
 
 
-def constrain_vocab(logits: Tensor, allowed: range | None) -> Tensor:
-    """Logits with every id outside `allowed` set to -inf (None keeps the whole vocabulary)."""
-    if allowed is None:
-        return logits
-    out = torch.full_like(logits, float("-inf"))
-    out[..., allowed.start : allowed.stop] = logits[..., allowed.start : allowed.stop]
-    return out
+def banned_ids(size: int, *, allowed: range | None = None, forbidden: Iterable[range | int] = (),
+               device: torch.device | str | None = None) -> Tensor:
+    """Bool [size]: the ids that may never be written — every id outside `allowed` (None: no such bound)
+    and every id or range in `forbidden`. Built once per request; `ban` applies it at every step."""
+    banned = torch.zeros(size, dtype=torch.bool, device=device)
+    if allowed is not None:
+        banned[: allowed.start] = True
+        banned[allowed.stop :] = True
+    for ids in forbidden:
+        if isinstance(ids, range):
+            banned[ids.start : ids.stop] = True
+        else:
+            banned[ids] = True
+    return banned
 
 
-def forbid_ids(logits: Tensor, ids: range | Tensor | None) -> Tensor:
-    """Logits with the ids of `ids` (a contiguous range, or a 1-D index tensor on the logits' device) set to
-    -inf (None changes nothing)."""
-    if ids is None or len(ids) == 0:
-        return logits
-    out = logits.clone()
-    if isinstance(ids, range):
-        out[..., ids.start : ids.stop] = float("-inf")
-    else:
-        out[..., ids] = float("-inf")
-    return out
+def ban(logits: Tensor, banned: Tensor) -> Tensor:
+    """Logits with the `banned` ids (a bool mask over the vocabulary) set to -inf."""
+    return logits.masked_fill(banned, float("-inf"))
 
 
 def filter_top_k(logits: Tensor, top_k: int | None) -> Tensor:

@@ -236,14 +236,15 @@ class GenerationTask:
         self.stop_ids = frozenset()
         if isinstance(options, TextOptions):
             self.stop_ids = options.stop_ids if options.stop_ids is not None else frozenset({vocab.eos_id})
-        self._allowed = vocab.image_ids if kind == "image" else None
-        self._forbidden = None
-        if kind == "text" and not (isinstance(options, TextOptions) and options.allow_image_ids):
-            self._forbidden = range(vocab.image_offset, vocab.vocab_size)
-        # Built once: the index tensor is applied at every denoising step.
-        self._forbidden_ids = None
-        if isinstance(options, TextOptions) and options.forbid_ids:
-            self._forbidden_ids = torch.tensor(sorted(options.forbid_ids), dtype=torch.long, device=device)
+        # MASK is the absence of a token: committing it would leave the position masked forever.
+        forbidden: list[range | int] = [vocab.mask_id]
+        if isinstance(options, TextOptions):
+            if kind == "text" and not options.allow_image_ids:
+                forbidden.append(range(vocab.image_offset, vocab.vocab_size))
+            forbidden += sorted(options.forbid_ids)
+        # One mask for every denoising step of the request.
+        self._banned = diffusion.banned_ids(vocab.vocab_size, allowed=vocab.image_ids if kind == "image" else None,
+                                            forbidden=forbidden, device=device)
 
         layers = config.num_hidden_layers
         heads = config.num_key_value_heads
@@ -395,10 +396,7 @@ class GenerationTask:
         block = self.generated[self.gen_from :]
         masked = block == self.vocab.mask_id
         guided = self._guide(logits)
-        guided = diffusion.constrain_vocab(guided, self._allowed)
-        guided = diffusion.forbid_ids(diffusion.forbid_ids(guided, self._forbidden), self._forbidden_ids)
-        # MASK is the absence of a token: committing it would leave the position masked forever.
-        guided = diffusion.forbid_ids(guided, range(self.vocab.mask_id, self.vocab.mask_id + 1))
+        guided = diffusion.ban(guided, self._banned)
         opts = self.options
         tokens, confidence = diffusion.propose(guided, opts.temperature, opts.top_k, opts.top_p, self.generator)
         count = self.schedule[min(self.step_in_block, len(self.schedule) - 1)]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -365,7 +366,7 @@ class TokenCodec:
             raise SpanError(f"grid size must be an int in 1..{self.max_grid}, got {size!r}")
         return self._grid_ids[size - 1]
 
-    @property
+    @cached_property
     def image_markup_ids(self) -> frozenset[int]:
         """The ids that only an image span holds besides its codes: its markers and the grid tokens."""
         special = self.special

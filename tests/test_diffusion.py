@@ -52,7 +52,7 @@ def test_rescale_matches_the_conditional_spread():
 
 def test_vocabulary_constraint_keeps_only_the_allowed_ids():
     logits = torch.arange(10.0)
-    constrained = diffusion.constrain_vocab(logits, range(2, 5))
+    constrained = diffusion.ban(logits, diffusion.banned_ids(10, allowed=range(2, 5)))
     assert torch.isinf(constrained[[0, 1, 5, 9]]).all()
     assert torch.equal(constrained[2:5], logits[2:5])
     assert int(constrained.argmax()) == 4
@@ -60,7 +60,11 @@ def test_vocabulary_constraint_keeps_only_the_allowed_ids():
 
 def test_forbidding_ids_removes_them_from_the_argmax():
     logits = torch.arange(10.0)
-    assert int(diffusion.forbid_ids(logits, range(8, 10)).argmax()) == 7
+    assert int(diffusion.ban(logits, diffusion.banned_ids(10, forbidden=[range(8, 10)])).argmax()) == 7
+    # Single ids and ranges together, on top of an allowed range; every row of a batch alike.
+    banned = diffusion.banned_ids(10, allowed=range(1, 9), forbidden=[7, range(5, 6)])
+    assert banned.tolist() == [True, False, False, False, False, True, False, True, False, True]
+    assert diffusion.ban(torch.zeros(3, 10), banned).argmax(-1).tolist() == [1, 1, 1]
 
 
 def test_greedy_proposal_returns_argmax_and_its_probability():
