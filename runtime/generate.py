@@ -241,7 +241,7 @@ class GenerationTask:
         if isinstance(options, TextOptions):
             if kind == "text" and not options.allow_image_ids:
                 forbidden.append(range(vocab.image_offset, vocab.vocab_size))
-            forbidden += sorted(options.forbid_ids)
+            forbidden += options.forbid_ids
         # One mask for every denoising step of the request.
         self._banned = diffusion.banned_ids(vocab.vocab_size, allowed=vocab.image_ids if kind == "image" else None,
                                             forbidden=forbidden, device=device)
