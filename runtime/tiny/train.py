@@ -10,6 +10,8 @@ Stages (`all` runs them in order; each one alone reads what the earlier ones wro
   SigLIP-VQ image tokenizer, and SigVQ + the Z-Image decoder (flow matching) with its normal and turbo
   fine-tunes.
 - ``backbone``: the MoE backbone, trained with the block-diffusion masked objective on the task mixture.
+- ``finetune``: the written backbone trained on, its vocabulary tables kept, on a mixture tilted towards
+  the families still short of their targets.
 - ``check``: accuracy probes through `runtime.generate` and the decoders, on held-in and held-out data.
 
 One image code per world cell: the tokenizer sees 48x48 pictures (16 px patches, a 3x3 grid, one patch per
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from PIL import Image, ImageFilter
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from runtime import conversation as chat
@@ -83,6 +85,7 @@ DECODER_STEPS = 1500
 NORMAL_STEPS = 400
 TURBO_STEPS = 300
 BACKBONE_STEPS = 7000
+FINETUNE_STEPS = 3000
 
 GRID = 3  # code grid side: one code per world cell
 TOKENIZER_PIXELS = 48  # the image tokenizer's input side (16 px patches)
@@ -173,6 +176,23 @@ class WordTiedTable(nn.Module):
         used = (cells[:, None] + torch.cat([self.empty, things])[None, :]).flatten(0, 1) + self.image
         start = self.code_row
         return torch.cat([words[:start], 0.5 * used, words[start + USED_CODES:]])
+
+    @torch.no_grad()
+    def fit(self, table: torch.Tensor) -> None:
+        """Set the parts so that `weight()` gives back `table`, a table this class materialised (a written
+        checkpoint's rows). Word rows are stored as they are. Of the code rows, only image + cell + empty
+        per cell and shape + colour - empty per thing are determined, so `image` is taken as zero, `empty`
+        from the thing rows (whose shape and colour words are known), and each cell from its empty code.
+        """
+        table = table.float()
+        start = self.code_row
+        self.free.copy_(table)
+        self.image.zero_()
+        used = 2 * table[start:start + USED_CODES].view(len(CELLS), CONTENTS, -1)  # undo the 0.5
+        things = (table[self.shape_words][:, None] + table[self.color_words][None, :]).flatten(0, 1)
+        self.empty.copy_((things - used[:, 1:] + used[:, :1]).mean(0).mean(0, keepdim=True))
+        cell_words = torch.stack([table[ids].mean(0) for ids in self.cell_words])
+        self.cell.copy_(used[:, 0] - self.empty - cell_words)
 
 
 def single_token(codec: TokenCodec, word: str) -> int:
@@ -886,6 +906,31 @@ MIXTURE = {**tasks.DEFAULT_WEIGHTS, "story": 0.5}
 ROW_LENGTH = 256
 # Noisy copies of each answer block per conversation, each with its own mask.
 NOISY_COPIES = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a backbone stage trains: from nothing (`backbone`) or on from the written backbone (`finetune`)."""
+
+    name: str
+    lr: float
+    warmup: int
+    mixture: dict[str, float]
+    # Whether the vocabulary tables train. A fine-tune keeps them: every target pushes down the rows of all
+    # other ids, and a held-out code's row, never a target, would only ever go down.
+    tables: bool
+    from_checkpoint: bool
+    balance: float  # the step of auxiliary-loss-free expert balancing (`Backbone.balance`)
+
+
+PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True, from_checkpoint=False,
+                  balance=1e-3)
+# The families under their targets at the end of pretraining (questions, thinking riddles, second turns)
+# weighted up, every family kept so none is forgotten, at a small learning rate. Tilting the mixture from the
+# start instead cost edits and held-out drawing (runtime/tiny/README.md); after pretraining it does not.
+FINETUNE = Recipe("finetune", lr=3e-4, warmup=100,
+                  mixture={**MIXTURE, "qa": 4.0, "riddle_thinking": 2.0, "multiturn": 2.0},
+                  tables=False, from_checkpoint=True, balance=1e-4)
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
@@ -1002,6 +1047,17 @@ class Backbone:
                 gate.expert_bias += rate * torch.sign(load.mean() - load)
                 load.zero_()
 
+    def load_checkpoint(self, folder: Path) -> None:
+        """Continue from a backbone written by `save`: the model's tensors as stored, the vocabulary tables'
+        parts solved back from their rows, the training-only reading heads left as they are."""
+        state = load_file(str(folder / "model.safetensors"))
+        self.model.model.word_embeddings.table.fit(state.pop("model.word_embeddings.weight"))
+        self.model.lm_head.table.fit(state.pop("lm_head.weight"))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        untouched = [name for name in missing if ".table." not in name and not name.startswith("readers.")]
+        if unexpected or untouched:
+            raise ValueError(f"{folder} is not a tiny backbone: unexpected {unexpected}, missing {untouched}")
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors (official names), in the storage dtype; expert_bias stays fp32."""
         state = {}
@@ -1022,16 +1078,19 @@ class Backbone:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors and the vocabulary tables do not."""
+    """Matrices decay; vectors and the vocabulary tables do not. Frozen parameters are left out."""
     decay, plain = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (decay if param.dim() >= 2 and ".table." not in name else plain).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, device: str = "cpu",
-                   probe_every: int = 0) -> None:
-    """Stage `backbone`: train on the task mixture (held-out examples excluded) and write the backbone.
+                   probe_every: int = 0, recipe: Recipe = PRETRAIN) -> None:
+    """Stage `backbone` (or `finetune`, with that recipe): train on the recipe's task mixture (held-out
+    examples excluded) and write the backbone.
 
     Every SAVE_EVERY steps (and at the end) the resumable state goes to `work` and the backbone to `out`; with
     `probe_every`, every that many steps the written checkpoint is also probed (a few examples per family).
@@ -1041,14 +1100,18 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     builder = SequenceBuilder(out, codes)
     special = builder.codec.special.as_dict()
     backbone = Backbone(backbone_config(special), builder.codec)
+    if recipe.from_checkpoint:
+        backbone.load_checkpoint(out)
+    for name, param in backbone.model.named_parameters():
+        param.requires_grad_(recipe.tables or ".table." not in name)
     world = WorldLabels(builder.codec)
     model = backbone.model.to(device)
     backbone.loads = {gate: load.to(device) for gate, load in backbone.loads.items()}
-    params = sum(p.numel() for p in model.parameters())
-    log(f"backbone: {params / 1e6:.2f}M parameters, {steps} steps of {EXAMPLES_PER_STEP} examples")
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
-    schedule = warmup_cosine(optimizer, steps, warmup=200)
-    state_file = work / "backbone_state.pt"
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{recipe.name}: {params / 1e6:.2f}M parameters trained, {steps} steps of {EXAMPLES_PER_STEP} examples")
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=recipe.lr, betas=(0.9, 0.95))
+    schedule = warmup_cosine(optimizer, steps, warmup=recipe.warmup)
+    state_file = work / f"{recipe.name}_state.pt"
     start = 0
     if resume and state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
@@ -1062,7 +1125,7 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     model.train()
     started, running, seen = time.time(), 0.0, 0
     for step in range(start + 1, steps + 1):
-        examples = [tasks.sample_mixture(rng, MIXTURE, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
+        examples = [tasks.sample_mixture(rng, recipe.mixture, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
         codes.prepare([scene for example in examples for scene in example.scenes()])
         layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world, NOISY_COPIES)
                    for example in examples]
@@ -1073,11 +1136,11 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        backbone.balance(1e-3)
+        backbone.balance(recipe.balance)
         running = loss.item() if step == start + 1 else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             rate = (time.time() - started) / (step - start)
-            log(f"backbone step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}; tokens "
+            log(f"{recipe.name} step {step}/{steps} loss {loss.item():.4f} (avg {running:.4f}; tokens "
                 f"{backbone.last['tokens']:.4f}, guide {backbone.last['guide']:.4f}, read {backbone.last['read']:.4f}) "
                 f"{rate:.2f} s/step, {seen} examples, image tokenizer agrees on "
                 f"{codes.agree}/{codes.total} scenes")
@@ -1092,7 +1155,7 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
                 backbone.save(out)
             first_step_accuracy(out, seed + step, count=15)
             check_backbone(out, seed + step, count=8)
-    log(f"backbone -> {out}; {time.time() - started:.0f} s")
+    log(f"{recipe.name} -> {out}; {time.time() - started:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1313,7 +1376,8 @@ VISION_STAGES = ("vae", "image-tokenizer", "decoder")
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runtime.tiny.train", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "check", "first-step"],
+    parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "finetune", "check",
+                                          "first-step"],
                         help="'vision' is vae, image-tokenizer and decoder in turn; 'all' is every stage")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder to write")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llada-tiny-train"),
@@ -1322,7 +1386,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's step count")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="where the backbone trains")
-    parser.add_argument("--resume", action="store_true", help="continue the backbone from --work's state")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the backbone (or fine-tune) stage from --work's state")
     parser.add_argument("--probe", type=int, default=20, help="examples per family in the check")
     parser.add_argument("--probe-every", type=int, default=0, help="also probe the backbone every N steps")
     args = parser.parse_args(argv)
@@ -1336,7 +1401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.stage == "vision":
         stages = list(VISION_STAGES)
     elif args.stage == "all":
-        stages = ["text", *VISION_STAGES, "backbone", "check"]
+        stages = ["text", *VISION_STAGES, "backbone", "finetune", "check"]
     for stage in stages:
         if stage == "text":
             timed("text stage", lambda: train_text_tokenizer(out, seed))
@@ -1351,6 +1416,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif stage == "backbone":
             timed("backbone stage", lambda: train_backbone(out, args.work, seed + 5, steps(BACKBONE_STEPS, scale),
                                                            args.resume, args.device, args.probe_every))
+        elif stage == "finetune":
+            timed("finetune stage", lambda: train_backbone(out, args.work, seed + 8, steps(FINETUNE_STEPS, scale),
+                                                           args.resume, args.device, args.probe_every, FINETUNE))
         elif stage == "first-step":
             first_step_accuracy(out, seed + 7, count=args.probe * 2)
         elif stage == "check":
