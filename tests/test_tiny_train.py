@@ -5,11 +5,15 @@ block that sees its own answer, guidance pointing at the wrong cell) trains a mo
 loss and answers nothing right.
 """
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from runtime.checkpoint import TINY_CHECKPOINT
 from runtime.tiny import train
 from runtime.tokens import TokenCodec
 
@@ -136,16 +140,10 @@ def test_the_loss_adds_guidance_and_reading_terms_that_stay_out_of_the_checkpoin
 
 
 def read_tensors(folder):
-    from safetensors.torch import load_file
-
     return load_file(str(folder / "model.safetensors"))
 
 
 def test_a_written_backbone_loads_back_with_each_table_solved_into_its_parts():
-    import json
-
-    from runtime.checkpoint import TINY_CHECKPOINT
-
     codec = TokenCodec.from_pretrained(TINY_CHECKPOINT)
     config = json.loads((TINY_CHECKPOINT / "config.json").read_text())
     backbone = train.Backbone(config, codec)
@@ -161,10 +159,6 @@ def test_a_written_backbone_loads_back_with_each_table_solved_into_its_parts():
 
 
 def test_the_finetune_stage_trains_the_layers_and_keeps_the_vocabulary_tables(tmp_path):
-    import shutil
-
-    from runtime.checkpoint import TINY_CHECKPOINT
-
     folder = tmp_path / "checkpoint"
     shutil.copytree(TINY_CHECKPOINT, folder)
     train.train_backbone(folder, tmp_path / "work", seed=0, steps=2, resume=False, recipe=train.FINETUNE)

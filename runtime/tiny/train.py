@@ -11,7 +11,7 @@ Stages (`all` runs them in order; each one alone reads what the earlier ones wro
   fine-tunes.
 - ``backbone``: the MoE backbone, trained with the block-diffusion masked objective on the task mixture.
 - ``finetune``: the written backbone trained on, its vocabulary tables kept, on a mixture tilted towards
-  the families still short of their targets.
+  the families still short of their targets. It continues whatever backbone --out holds: run it once.
 - ``check``: accuracy probes through `runtime.generate` and the decoders, on held-in and held-out data.
 
 One image code per world cell: the tokenizer sees 48x48 pictures (16 px patches, a 3x3 grid, one patch per
