@@ -78,6 +78,16 @@ class Evaluator:
 
     caption = qa
 
+    async def qa_followup(self, example: tasks.Example) -> bool:
+        """A question asked in the same chat after an earlier one about the picture (the model's own earlier
+        reply stays in the history, right or wrong); only the last answer is scored."""
+        session = self.model.session(mode="chat", system=example.system)
+        reply: Reply | None = None
+        for turn in range(0, len(example.turns), 2):
+            images, text = _user_parts(example, turn)
+            reply = await session.send([*images, text], task="chat", options=self.text)
+        return reply is not None and reply.text.strip() == example.target.parts[0].text.strip()
+
     async def t2i(self, example: tasks.Example) -> bool:
         _, prompt = _user_parts(example, 0)
         session = self.model.session(mode="draw", system=example.system)
@@ -152,7 +162,7 @@ class Evaluator:
 
 
 ALL_METRICS = ("qa", "caption", "t2i", "riddle_thinking", "riddle_direct", "edit", "multiturn",
-               "story_consistency", "holdout_t2i", "holdout_qa", "critique_gain")
+               "story_consistency", "holdout_t2i", "holdout_qa", "critique_gain", "qa_followup")
 
 _HOLDOUT = {"holdout_t2i": "t2i", "holdout_qa": "qa"}
 

@@ -19,14 +19,15 @@ def scores():
     async def main():
         async with llada_agent.load("tiny") as model:
             config = EvalConfig(samples=10, seed=7, families=["qa", "caption", "t2i", "riddle_thinking", "edit",
-                                                              "multiturn", "holdout_t2i"])
+                                                              "multiturn", "holdout_t2i", "qa_followup"])
             return await evaluate(model, config)
 
     return asyncio.run(main())
 
 
 @pytest.mark.parametrize("metric,floor", [("qa", 0.6), ("caption", 0.6), ("t2i", 0.6), ("riddle_thinking", 0.4),
-                                          ("edit", 0.6), ("multiturn", 0.5), ("holdout_t2i", 0.5)])
+                                          ("edit", 0.6), ("multiturn", 0.5), ("holdout_t2i", 0.5),
+                                          ("qa_followup", 0.3)])
 def test_accuracy_on_fresh_scenes(scores, metric, floor):
     assert scores[metric] >= floor, scores
 

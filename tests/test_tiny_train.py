@@ -115,6 +115,58 @@ def test_guidance_points_codes_at_their_cell_and_answer_words_at_the_codes_holdi
             assert seen == {train.cell_code("top-left", None) + 1 + train.COLORS.index("red")}
 
 
+def test_an_answer_with_focus_cells_looks_at_those_cells_codes_and_nowhere_else(codec):
+    world = train.WorldLabels(codec)
+    scene = [code(codec, cell, "square", "red") if cell == "top-left" else
+             code(codec, cell, "circle", "blue") if cell == "center" else code(codec, cell) for cell in train.CELLS]
+    prompt = scene + codec.encode_text(" is the center empty?")
+    answer = codec.encode_text("no") + [codec.special.eos] * 3
+
+    def guided(focus: tuple[str, ...]) -> dict[str, set[int]]:
+        """Each guided target's keys, by position."""
+        seq = sequence(prompt, answer)
+        seq.focus = sum(1 << train.CELLS.index(cell) for cell in focus)
+        train_rng = random.Random(0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "FULL_MASK", 1.0)  # every answer token masked
+            layout = train.noisy_layout(seq, train_rng, codec.special.mask, world)
+        batch = train.pack([layout], 512)
+        guide, target = batch["guide"][0], batch["target"][0]
+        return {codec.decode([int(target[q])]): {layout.positions[k] for k in guide[q].nonzero()[:, 0].tolist()}
+                for q in (target >= 0).nonzero()[:, 0].tolist() if guide[q].any()}
+
+    # "no" looks at the center's code (position 4 of the raster) only; end-of-text padding is never guided.
+    assert guided(("center",)) == {"no": {train.CELLS.index("center")}}
+    assert guided(("top-left", "center")) == {"no": {0, 4}}
+    # Without focus cells the word "no" names nothing in the world: no guidance.
+    assert guided(()) == {}
+
+
+def test_a_built_question_guides_its_answer_to_the_focus_cells_of_its_picture():
+    from runtime.tiny import tasks
+
+    codes = train.SceneCodes(TINY_CHECKPOINT / "image_tokenizer")
+    builder = train.SequenceBuilder(TINY_CHECKPOINT, codes)
+    world = train.WorldLabels(builder.codec)
+    rng = random.Random(4)
+    examples = [e for e in (tasks.sample_example("qa", rng, "exclude") for _ in range(60)) if e.subtype == "yes_no"]
+    assert examples
+    for example in examples:
+        codes.prepare(example.scenes())
+        seq = builder.build(example, rng)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "FULL_MASK", 1.0)
+            layout = train.noisy_layout(seq, rng, builder.codec.special.mask, world)
+        batch = train.pack([layout], 512)
+        guide, target = batch["guide"][0], batch["target"][0]
+        (answer,) = [q for q in (target >= 0).nonzero()[:, 0].tolist() if builder.codec.decode([int(target[q])])
+                     in ("yes", "no")]
+        # The picture's codes are the first image ids of the conversation, in raster order.
+        picture = [p for p, token in enumerate(layout.ids) if builder.codec.is_image_id(token)][:len(train.CELLS)]
+        assert guide[answer].nonzero()[:, 0].tolist() == [picture[train.CELLS.index(c)] for c in
+                                                          sorted(example.focus, key=train.CELLS.index)]
+
+
 def test_the_loss_adds_guidance_and_reading_terms_that_stay_out_of_the_checkpoint(codec):
     world = train.WorldLabels(codec)
     torch.manual_seed(0)

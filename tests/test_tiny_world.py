@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 
 from runtime.errors import RuntimeErrorBase
 from runtime.tiny.tasks import (
+    CAPTION_PROMPTS,
     COLOR_CLUES,
     COUNT_CLUES,
     FAMILIES,
@@ -242,11 +243,11 @@ def test_reading_something_other_than_a_picture_is_a_typed_error():
 SYSTEMS = {
     "caption": SYSTEM_UNDERSTANDING, "qa": SYSTEM_UNDERSTANDING, "t2i": SYSTEM_T2I,
     "riddle_thinking": SYSTEM_THINKING, "riddle_direct": SYSTEM_T2I, "edit": SYSTEM_EDITING,
-    "multiturn": SYSTEM_T2I, "story": SYSTEM_INTERLEAVED,
+    "multiturn": SYSTEM_T2I, "story": SYSTEM_INTERLEAVED, "qa_followup": SYSTEM_UNDERSTANDING,
 }
 TARGET_KINDS = {
     "caption": [TextPart], "qa": [TextPart], "t2i": [ScenePart], "riddle_thinking": [ThinkPart, ScenePart],
-    "riddle_direct": [ScenePart], "edit": [ScenePart], "multiturn": [ScenePart],
+    "riddle_direct": [ScenePart], "edit": [ScenePart], "multiturn": [ScenePart], "qa_followup": [TextPart],
 }
 
 
@@ -349,6 +350,40 @@ def test_every_qa_answer_is_computed_from_the_scene():
         (scene,) = example.scenes()
         question = example.turns[0].parts[1].text
         assert example.target.parts[0].text == _expected_answer(scene, question)
+
+
+def test_a_question_focuses_on_the_cells_that_decide_its_answer():
+    for example in samples("qa", n=600):
+        (scene,) = example.scenes()
+        question, answer = example.turns[0].parts[1].text, example.target.parts[0].text
+        focus = example.focus
+        if example.subtype in ("color", "shape", "position"):
+            (cell,) = focus
+            assert answer in (scene.at(cell).color, scene.at(cell).shape, cell), (question, focus)
+        elif example.subtype == "count":
+            assert NUMBER_WORDS[len(focus)] == answer and all(scene.at(cell) for cell in focus), question
+        elif m := re.search(r"at the ([\w-]+)|is the (\S+) empty\?$", question):
+            assert focus == (m[1] or m[2],), question
+        else:  # is there a <thing>? — the cells holding it, none when the answer is no
+            assert (len(focus) > 0) == (answer == "yes") and all(scene.at(cell) for cell in focus), question
+    assert all(not e.focus for family in ("caption", "t2i", "edit") for e in samples(family, n=20))
+
+
+def test_a_follow_up_question_is_about_the_picture_of_the_first_turn():
+    examples = samples("qa_followup", n=300)
+    assert {e.subtype for e in examples} == {"color", "shape", "position", "count", "yes_no"}
+    shown_again = 0
+    for example in examples:
+        first, earlier_answer, second, answer = example.turns
+        (scene,) = [p.scene for p in first.parts if isinstance(p, ScenePart)]
+        assert all(p.scene == scene for p in second.parts if isinstance(p, ScenePart))
+        shown_again += any(isinstance(p, ScenePart) for p in second.parts)
+        earlier = first.parts[-1].text
+        # The earlier exchange is right about the same picture: a caption, or another answered question.
+        assert earlier_answer.parts[0].text == (describe(scene) if earlier in CAPTION_PROMPTS
+                                                else _expected_answer(scene, earlier))
+        assert answer.parts[0].text == _expected_answer(scene, second.parts[-1].text)
+    assert 0.3 < shown_again / len(examples) < 0.7
 
 
 def test_count_answers_equal_the_number_of_shapes():

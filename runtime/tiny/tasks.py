@@ -43,7 +43,7 @@ SYSTEM_EDITING = "You are an image editing assistant."
 SYSTEM_INTERLEAVED = "You are an interleaved text and image assistant."
 
 FAMILIES: tuple[str, ...] = (
-    "caption", "qa", "t2i", "riddle_thinking", "riddle_direct", "edit", "multiturn", "story",
+    "caption", "qa", "t2i", "riddle_thinking", "riddle_direct", "edit", "multiturn", "story", "qa_followup",
 )
 HOLDOUT_MODES: tuple[str, ...] = ("exclude", "only", "any")
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -110,6 +110,9 @@ class Example:
     system: str
     turns: tuple[Turn, ...]
     subtype: str = ""
+    # The cells of the asked picture whose contents decide a question's answer (the shape asked about, the
+    # shapes counted, the cell asked after); training guides the answer's attention there. Empty elsewhere.
+    focus: tuple[str, ...] = ()
 
     @property
     def target(self) -> Turn:
@@ -249,19 +252,19 @@ IS_COLOR_QUESTIONS = ("is the shape at the {cell} {color}?",)
 IS_SHAPE_QUESTIONS = ("is the shape at the {cell} a {shape}?",)
 
 
-def _qa_color(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
+def _qa_color(rng: random.Random, scene: Scene) -> tuple[str, str, Scene, tuple[str, ...]]:
     shape = rng.choice(scene.shapes)
     ref = rng.choice(_references(scene, shape, avoid="color"))
-    return rng.choice(COLOR_QUESTIONS).format(ref=ref), shape.color, scene
+    return rng.choice(COLOR_QUESTIONS).format(ref=ref), shape.color, scene, (shape.cell,)
 
 
-def _qa_shape(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
+def _qa_shape(rng: random.Random, scene: Scene) -> tuple[str, str, Scene, tuple[str, ...]]:
     shape = rng.choice(scene.shapes)
     ref = rng.choice(_references(scene, shape, avoid="shape", noun="one"))
-    return rng.choice(SHAPE_QUESTIONS).format(ref=ref), shape.shape, scene
+    return rng.choice(SHAPE_QUESTIONS).format(ref=ref), shape.shape, scene, (shape.cell,)
 
 
-def _qa_position(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
+def _qa_position(rng: random.Random, scene: Scene) -> tuple[str, str, Scene, tuple[str, ...]]:
     shape = rng.choice(scene.shapes)
     if not _references(scene, shape, avoid="cell"):
         # Its kind and its colour both repeat: repaint it in a fresh colour so the question has one answer.
@@ -269,57 +272,79 @@ def _qa_position(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
         scene = scene.recolored(shape.cell, fresh)
         shape = scene.at(shape.cell)
     ref = rng.choice(_references(scene, shape, avoid="cell"))
-    return rng.choice(POSITION_QUESTIONS).format(ref=ref), shape.cell, scene
+    return rng.choice(POSITION_QUESTIONS).format(ref=ref), shape.cell, scene, (shape.cell,)
 
 
-def _qa_count(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
+def _qa_count(rng: random.Random, scene: Scene) -> tuple[str, str, Scene, tuple[str, ...]]:
     kind = rng.choice(("all", "shape", "color"))
     if kind == "all":
-        return rng.choice(COUNT_ALL_QUESTIONS), _count_word(len(scene)), scene
+        return rng.choice(COUNT_ALL_QUESTIONS), _count_word(len(scene)), scene, scene.cells
     if kind == "shape":
         name = rng.choice(SHAPES)
-        n = sum(s.shape == name for s in scene.shapes)
-        return rng.choice(COUNT_SHAPE_QUESTIONS).format(shapes=PLURALS[name]), _count_word(n), scene
+        counted = tuple(s.cell for s in scene.shapes if s.shape == name)
+        return (rng.choice(COUNT_SHAPE_QUESTIONS).format(shapes=PLURALS[name]), _count_word(len(counted)), scene,
+                counted)
     color = rng.choice(COLORS)
-    n = sum(s.color == color for s in scene.shapes)
-    return rng.choice(COUNT_COLOR_QUESTIONS).format(color=color), _count_word(n), scene
+    counted = tuple(s.cell for s in scene.shapes if s.color == color)
+    return rng.choice(COUNT_COLOR_QUESTIONS).format(color=color), _count_word(len(counted)), scene, counted
 
 
-def _qa_yes_no(rng: random.Random, scene: Scene) -> tuple[str, str, Scene]:
+def _qa_yes_no(rng: random.Random, scene: Scene) -> tuple[str, str, Scene, tuple[str, ...]]:
     yes = rng.random() < 0.5
     kind = rng.choice(("exists", "occupied", "color", "shape"))
     if kind == "exists":
         present = sorted({(s.shape, s.color) for s in scene.shapes})
         absent = [(sh, co) for sh in SHAPES for co in COLORS if (sh, co) not in present]
         shape, color = rng.choice(present if yes else absent)
-        return rng.choice(EXISTS_QUESTIONS).format(thing=_thing(shape, color)), "yes" if yes else "no", scene
+        found = tuple(s.cell for s in scene.shapes if (s.shape, s.color) == (shape, color))
+        return (rng.choice(EXISTS_QUESTIONS).format(thing=_thing(shape, color)), "yes" if yes else "no", scene,
+                found)
     if kind == "occupied":
         occupied = rng.random() < 0.5
         cell = rng.choice(scene.cells if occupied else scene.empty_cells())
         if rng.random() < 0.5:
-            return rng.choice(OCCUPIED_QUESTIONS).format(cell=cell), "yes" if occupied else "no", scene
-        return rng.choice(EMPTY_QUESTIONS).format(cell=cell), "no" if occupied else "yes", scene
+            return rng.choice(OCCUPIED_QUESTIONS).format(cell=cell), "yes" if occupied else "no", scene, (cell,)
+        return rng.choice(EMPTY_QUESTIONS).format(cell=cell), "no" if occupied else "yes", scene, (cell,)
     shape = rng.choice(scene.shapes)
     if kind == "color":
         color = shape.color if yes else rng.choice([c for c in COLORS if c != shape.color])
-        return rng.choice(IS_COLOR_QUESTIONS).format(cell=shape.cell, color=color), "yes" if yes else "no", scene
+        return (rng.choice(IS_COLOR_QUESTIONS).format(cell=shape.cell, color=color), "yes" if yes else "no", scene,
+                (shape.cell,))
     name = shape.shape if yes else rng.choice([s for s in SHAPES if s != shape.shape])
-    return rng.choice(IS_SHAPE_QUESTIONS).format(cell=shape.cell, shape=name), "yes" if yes else "no", scene
+    return (rng.choice(IS_SHAPE_QUESTIONS).format(cell=shape.cell, shape=name), "yes" if yes else "no", scene,
+            (shape.cell,))
 
 
-# Each asks about a scene and returns (question, answer, scene asked about).
-_QA: dict[str, Callable[[random.Random, Scene], tuple[str, str, Scene]]] = {
+# Each asks about a scene and returns (question, answer, scene asked about, cells that decide the answer).
+_QA: dict[str, Callable[[random.Random, Scene], tuple[str, str, Scene, tuple[str, ...]]]] = {
     "color": _qa_color, "shape": _qa_shape, "position": _qa_position, "count": _qa_count, "yes_no": _qa_yes_no,
 }
 
 
 def _qa(rng: random.Random, scenes: _Scenes) -> Example:
     subtype = rng.choice(QA_SUBTYPES)
-    question, answer, scene = _QA[subtype](rng, scenes.draw())
+    question, answer, scene, focus = _QA[subtype](rng, scenes.draw())
     return Example("qa", SYSTEM_UNDERSTANDING, (
         _user(ScenePart(scene), TextPart(question)),
         _assistant(TextPart(answer)),
-    ), subtype)
+    ), subtype, focus)
+
+
+def _qa_followup(rng: random.Random, scenes: _Scenes) -> Example:
+    """A question about a picture after an earlier exchange about it in the same chat (a caption or another
+    question), the picture shown again or not: what a session's second turn looks like."""
+    subtype = rng.choice(QA_SUBTYPES)
+    question, answer, scene, focus = _QA[subtype](rng, scenes.draw())
+    earlier = _QA[rng.choice(QA_SUBTYPES)](rng, scene) if rng.random() < 0.5 else None
+    if earlier is not None and earlier[2] == scene:  # (a position question may repaint its scene)
+        first = (TextPart(earlier[0]), TextPart(earlier[1]))
+    else:
+        first = (TextPart(rng.choice(CAPTION_PROMPTS)), TextPart(describe(scene)))
+    again = (ScenePart(scene),) if rng.random() < 0.5 else ()
+    return Example("qa_followup", SYSTEM_UNDERSTANDING, (
+        _user(ScenePart(scene), first[0]), _assistant(first[1]),
+        _user(*again, TextPart(question)), _assistant(TextPart(answer)),
+    ), subtype, focus)
 
 
 # ---- text to image -------------------------------------------------------------------------------------
@@ -641,6 +666,7 @@ def _story(rng: random.Random, scenes: _Scenes) -> Example:
 _GENERATORS: dict[str, Callable[[random.Random, _Scenes], Example]] = {
     "caption": _caption, "qa": _qa, "t2i": _t2i, "riddle_thinking": _riddle_thinking,
     "riddle_direct": _riddle_direct, "edit": _edit, "multiturn": _multiturn, "story": _story,
+    "qa_followup": _qa_followup,
 }
 _MAX_DRAWS = 1000
 

@@ -24,7 +24,8 @@ that are.
 
 The backbone's objective is masked diffusion plus two aids a tiny model needs on a CPU budget: codes of
 shapes weigh more than empty cells' codes, and one head per guided layer is taught where to look
-(`guidance`). runtime/tiny/README.md says why.
+(`guidance`; in the fine-tune, a question's answer also at the cells that decide it, `tasks.Example.focus`).
+runtime/tiny/README.md says why.
 
 Held out of every stage's data: each scene with a purple triangle, and the riddles `tasks.py` holds out.
 Everything is seeded; the same torch version and thread count reproduce the same checkpoint.
@@ -41,7 +42,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -616,11 +617,15 @@ DRAWN_LAST = ("t2i", "riddle_direct", "riddle_thinking", "edit", "multiturn", "s
 
 @dataclass
 class TrainSequence:
-    """Token ids of one example and, per token, whether the model must produce it and whether it is a code."""
+    """Token ids of one example and, per token, whether the model must produce it and whether it is a code;
+    `focus` is the example's focus cells as a bit mask (bit i: CELLS[i]), guiding the words of its final
+    answer, which starts at `focus_from` (an earlier answer in the conversation is about something else)."""
 
     ids: list[int]
     response: list[bool]
     code: list[bool]
+    focus: int = 0
+    focus_from: int = 0
 
 
 class WorldLabels:
@@ -717,9 +722,11 @@ class SequenceBuilder:
             draw = rng.random()
             user_null, image_null = draw < CFG_DROP, CFG_DROP <= draw < CFG_DROP + IMAGE_DROP
 
-        seq = TrainSequence([], [], [])
+        seq = TrainSequence([], [], [], sum(1 << CELLS.index(cell) for cell in example.focus))
         self._add(seq, fmt.turn_ids(chat.Turn(chat.SYSTEM, (example.system,))), False)
         for index, turn in enumerate(turns):
+            if index == len(turns) - 1:
+                seq.focus_from = len(seq.ids)
             if turn.role == "user":
                 self._add(seq, fmt.marker(chat.HUMAN), False)
                 for part in turn.parts:
@@ -811,6 +818,9 @@ def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: Wo
                 group.append(1 + (b - first) * copies + copy)
                 target.append(seq.ids[p] if p in masked else -100)
     truth = world(seq.ids)
+    eos = world.codec.special.eos
+    truth["focus"] = [seq.focus if p >= seq.focus_from and response and not code and token != eos else 0
+                      for p, (token, response, code) in enumerate(zip(seq.ids, seq.response, seq.code))]
     labels = {field: [values[p] for p in positions] for field, values in truth.items()}
     return Layout(ids, positions, kind, block, group, target, labels)
 
@@ -845,8 +855,8 @@ def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
         (kq == 1) & (kk == 1) & (group[:, :, None] == group[:, None, :])) | ((kq == 1) & (kk == 0) & (bk < bq))
     mask = same & visible
     labels = {}
-    for field in WorldLabels.FIELDS:
-        values = np.full((len(rows), width), -1, dtype=np.int16)
+    for field in (*WorldLabels.FIELDS, "focus"):
+        values = np.full((len(rows), width), 0 if field == "focus" else -1, dtype=np.int16)
         for r, row in enumerate(rows):
             row_values = np.concatenate([item.labels[field] for item in row])
             values[r, :len(row_values)] = row_values
@@ -862,7 +872,9 @@ def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.T
     - a masked code looks at what names its cell: the same cell's code in earlier pictures (an edit's source,
       the previous story frame) and the cell's name in the text ("... in the bottom-right");
     - a masked shape, colour or cell word looks at the codes holding that shape, colour or (a shape in that)
-      cell: the answer "blue" at the blue shapes' codes, "top-left" at the shape in the top-left.
+      cell: the answer "blue" at the blue shapes' codes, "top-left" at the shape in the top-left;
+    - a masked word of an answer with focus cells (`tasks.Example.focus`) looks at those cells' codes instead:
+      "no" to "is the top-left empty?" at the top-left's code, "two" to "how many squares?" at the squares.
 
     The model reaches these lookups on its own only after far more steps than a CPU budget allows: until the
     lookup works, "empty" is the best guess for every code and nothing rewards looking (see README).
@@ -875,8 +887,12 @@ def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.T
     from_code = q(code) & same_cell
     holds = k(code) & (((q(shape) >= 0) & (q(shape) == k(shape))) | ((q(color) >= 0) & (q(color) == k(color)))
                        | (same_cell & (k(shape) >= 0)))
-    from_word = ~q(code) & holds
-    return mask & q(query) & k(key) & (from_code | from_word)
+    focus = labels["focus"]
+    focused = focus > 0
+    in_focus = k(code) & ((q(focus) >> k(cell).clamp(min=0)) % 2 == 1)
+    from_word = ~q(code) & ~q(focused) & holds
+    from_focus = q(focused) & in_focus
+    return mask & q(query) & k(key) & (from_code | from_word | from_focus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -921,16 +937,21 @@ class Recipe:
     tables: bool
     from_checkpoint: bool
     balance: float  # the step of auxiliary-loss-free expert balancing (`Backbone.balance`)
+    # Whether a question's answer is guided to its focus cells and reads their content (`tasks.Example.focus`);
+    # the committed backbone was pretrained without it.
+    focus: bool = False
 
 
 PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True, from_checkpoint=False,
                   balance=1e-3)
 # The families under their targets at the end of pretraining (questions, thinking riddles, second turns)
-# weighted up, every family kept so none is forgotten, at a small learning rate. Tilting the mixture from the
-# start instead cost edits and held-out drawing (runtime/tiny/README.md); after pretraining it does not.
-FINETUNE = Recipe("finetune", lr=3e-4, warmup=100,
-                  mixture={**MIXTURE, "qa": 4.0, "riddle_thinking": 2.0, "multiturn": 2.0},
-                  tables=False, from_checkpoint=True, balance=1e-4)
+# weighted up, every family kept so none is forgotten, edits a little up so they hold. Tilting the mixture
+# from the start instead cost edits and held-out drawing (runtime/tiny/README.md); after pretraining it does
+# not. Questions learn slowly next to the other families: a larger share and learning rate moved them.
+FINETUNE = Recipe("finetune", lr=1e-3, warmup=100,
+                  mixture={**MIXTURE, "qa": 8.0, "qa_followup": 2.0, "riddle_thinking": 4.0, "multiturn": 4.0,
+                           "edit": 2.0},
+                  tables=False, from_checkpoint=True, balance=1e-4, focus=True)
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
@@ -1126,6 +1147,8 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     started, running, seen = time.time(), 0.0, 0
     for step in range(start + 1, steps + 1):
         examples = [tasks.sample_mixture(rng, recipe.mixture, holdout="exclude") for _ in range(EXAMPLES_PER_STEP)]
+        if not recipe.focus:
+            examples = [replace(example, focus=()) for example in examples]
         codes.prepare([scene for example in examples for scene in example.scenes()])
         layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world, NOISY_COPIES)
                    for example in examples]
@@ -1240,6 +1263,12 @@ class Probe:
         if family in ("qa", "caption"):
             prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
             ids, _ = self.text(prompt)
+            return self.decode_text(ids) == target.parts[0].text
+        if family == "qa_followup":  # the earlier exchange as history, the model answers the last question
+            history = [chat.Turn(chat.HUMAN, self.user_parts(turns[0])),
+                       chat.Turn(chat.ASSISTANT, self.user_parts(turns[1])),
+                       chat.Turn(chat.HUMAN, self.user_parts(turns[2]))]
+            ids, _ = self.text(fmt.prompt(example.system, history))
             return self.decode_text(ids) == target.parts[0].text
         answer = [p.scene for p in target.parts if isinstance(p, tasks.ScenePart)]
         if family in ("t2i", "riddle_direct"):
