@@ -937,7 +937,7 @@ class Recipe:
     tables: bool
     from_checkpoint: bool
     balance: float  # the step of auxiliary-loss-free expert balancing (`Backbone.balance`)
-    # Whether a question's answer is guided to its focus cells and reads their content (`tasks.Example.focus`);
+    # Whether a question's answer words are guided to its focus cells (`tasks.Example.focus`);
     # the committed backbone was pretrained without it.
     focus: bool = False
 
