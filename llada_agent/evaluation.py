@@ -71,22 +71,16 @@ class Evaluator:
         self.text = TextOptions(max_tokens=96)
 
     async def qa(self, example: tasks.Example) -> bool:
-        images, question = _user_parts(example, 0)
-        session = self.model.session(mode="chat", system=example.system)
-        reply = await session.send([*images, question], task="chat", options=self.text)
-        return reply.text.strip() == example.target.parts[0].text.strip()
-
-    caption = qa
-
-    async def qa_followup(self, example: tasks.Example) -> bool:
-        """A question asked in the same chat after an earlier one about the picture (the model's own earlier
-        reply stays in the history, right or wrong); only the last answer is scored."""
+        """Each user turn sent in one chat session (a follow-up question keeps the model's own earlier reply in
+        the history, right or wrong); the last reply is scored."""
         session = self.model.session(mode="chat", system=example.system)
         reply: Reply | None = None
         for turn in range(0, len(example.turns), 2):
             images, text = _user_parts(example, turn)
             reply = await session.send([*images, text], task="chat", options=self.text)
         return reply is not None and reply.text.strip() == example.target.parts[0].text.strip()
+
+    caption = qa_followup = qa
 
     async def t2i(self, example: tasks.Example) -> bool:
         _, prompt = _user_parts(example, 0)

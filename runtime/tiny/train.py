@@ -1253,6 +1253,7 @@ class Probe:
         return self.codec.decode(ids).strip()
 
     def user_parts(self, turn: tasks.Turn) -> tuple:
+        """A turn's parts as the conversation format takes them (a given assistant turn's too)."""
         return tuple(self.codes(p.scene) if isinstance(p, tasks.ScenePart) else p.text for p in turn.parts)
 
     def run(self, example: tasks.Example) -> bool:
@@ -1260,14 +1261,9 @@ class Probe:
         self.codes.prepare(example.scenes())
         fmt, family, turns = self.format, example.family, example.turns
         target = example.target
-        if family in ("qa", "caption"):
-            prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
-            ids, _ = self.text(prompt)
-            return self.decode_text(ids) == target.parts[0].text
-        if family == "qa_followup":  # the earlier exchange as history, the model answers the last question
-            history = [chat.Turn(chat.HUMAN, self.user_parts(turns[0])),
-                       chat.Turn(chat.ASSISTANT, self.user_parts(turns[1])),
-                       chat.Turn(chat.HUMAN, self.user_parts(turns[2]))]
+        if family in ("qa", "caption", "qa_followup"):  # every turn before the answer is the history
+            roles = {"user": chat.HUMAN, "assistant": chat.ASSISTANT}
+            history = [chat.Turn(roles[turn.role], self.user_parts(turn)) for turn in turns[:-1]]
             ids, _ = self.text(fmt.prompt(example.system, history))
             return self.decode_text(ids) == target.parts[0].text
         answer = [p.scene for p in target.parts if isinstance(p, tasks.ScenePart)]
