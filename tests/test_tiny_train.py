@@ -221,3 +221,18 @@ def test_the_finetune_stage_trains_the_layers_and_keeps_the_vocabulary_tables(tm
     layer = "model.layers.1.attention.query_key_value.weight"
     assert not torch.equal(after[layer], before[layer])
     assert (tmp_path / "work" / "finetune_state.pt").is_file()
+
+
+def test_the_error_breakdown_bench_counts_every_example_once():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "tiny_errors.py"
+    result = subprocess.run([sys.executable, str(script), "--samples", "3", "--seed", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for family in ("qa", "riddle_thinking", "multiturn", "edit"):
+        counts = [tuple(map(int, value.split("/"))) for value in report[family].values()]
+        assert sum(total for _, total in counts) == 3
+        assert all(0 <= right <= total for right, total in counts)

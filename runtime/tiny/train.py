@@ -1294,10 +1294,12 @@ class Probe:
             null = fmt.unconditional(example.system, (GRID, GRID))
             header = fmt.header(GRID, GRID)
             first = self.image([history + header, null])
-            span = self.codec.image_span(GRID, GRID, first)
+            before = history + self.codec.image_span(GRID, GRID, first) + [self.codec.special.eos]
             follow = fmt.turn_ids(chat.Turn(chat.HUMAN, self.user_parts(turns[2])))
-            second = self.image([history + span + [self.codec.special.eos] + follow + fmt.marker(chat.ASSISTANT)
-                                 + header, null])
+            # As the SDK draws a later turn: the null branch keeps the history and drops only this request.
+            second = self.image([before + follow + fmt.marker(chat.ASSISTANT) + header,
+                                 before + fmt.marker(chat.HUMAN) + fmt.uncondition() + fmt.marker(chat.ASSISTANT)
+                                 + header])
             pictures = [p.scene for turn in turns if turn.role == "assistant" for p in turn.parts]
             return codes_scene(first) == pictures[0] and codes_scene(second) == pictures[1]
         if family == "story":

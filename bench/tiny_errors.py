@@ -1,0 +1,123 @@
+"""Where a tiny checkpoint goes wrong: accuracy broken down by what each example asks.
+
+`tiny_eval.py` says how often a family is right; this says which part fails, with the training probe
+(`runtime.tiny.train.Probe`: the conversation format and the sampler, no session around them):
+
+- `qa`: answers right per question kind (colour, shape, position, count, yes/no);
+- `riddle_thinking`: pictures right when the written plan is right and when it is wrong (the SDK metric
+  counts the picture alone; a plan may also end without a picture or with a malformed header);
+- `multiturn`: second pictures right per edit kind of the second turn and whether the first came out right;
+- `edit`: pictures right per edit kind (recolour, move, add, remove).
+
+Prints each wrong example with `--show`, then one final JSON line of "right/total" per kind.
+
+    python bench/tiny_errors.py --samples 100 --families qa riddle_thinking
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from runtime import conversation as chat
+from runtime.checkpoint import TINY_CHECKPOINT
+from runtime.errors import SpanError
+from runtime.tiny import tasks
+from runtime.tiny.train import GRID, Probe, codes_scene
+
+FAMILIES = ("qa", "riddle_thinking", "multiturn", "edit")
+
+
+def pictures(example: tasks.Example) -> list:
+    return [p.scene for turn in example.turns if turn.role == "assistant" for p in turn.parts
+            if isinstance(p, tasks.ScenePart)]
+
+
+def question(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
+    roles = {"user": chat.HUMAN, "assistant": chat.ASSISTANT}
+    history = [chat.Turn(roles[turn.role], probe.user_parts(turn)) for turn in example.turns[:-1]]
+    ids, _ = probe.text(probe.format.prompt(example.system, history))
+    answer = probe.decode_text(ids)
+    return example.subtype, answer == example.target.parts[0].text, answer
+
+
+def riddle(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
+    fmt, special = probe.format, probe.codec.special
+    prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, probe.user_parts(example.turns[0]))])
+    ids, stop = probe.text(prompt, stop=frozenset({special.eos, special.boi}), max_new=128)
+    if stop != special.boi:
+        return "no picture", False, probe.decode_text(ids)
+    try:
+        plan = probe.decode_text(probe.codec.parse_thinking(ids + [special.boi]).thinking)
+    except SpanError:
+        return "malformed header", False, probe.decode_text(ids)
+    drawn = codes_scene(probe.image([prompt + ids + [special.boi], fmt.unconditional(example.system, (GRID, GRID))]))
+    plan_ok = plan == example.target.parts[0].text
+    return f"plan {'right' if plan_ok else 'wrong'}", drawn == pictures(example)[0], f"{plan} -> {drawn}"
+
+
+def second_turn(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
+    fmt, turns = probe.format, example.turns
+    history = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, probe.user_parts(turns[0]))])
+    null, header = fmt.unconditional(example.system, (GRID, GRID)), fmt.header(GRID, GRID)
+    first = probe.image([history + header, null])
+    before = history + probe.codec.image_span(GRID, GRID, first) + [probe.codec.special.eos]
+    follow = fmt.turn_ids(chat.Turn(chat.HUMAN, probe.user_parts(turns[2])))
+    # The SDK's null branch for a later turn: the history kept, only this request dropped.
+    second = probe.image([before + follow + fmt.marker(chat.ASSISTANT) + header,
+                          before + fmt.marker(chat.HUMAN) + fmt.uncondition() + fmt.marker(chat.ASSISTANT) + header])
+    want = pictures(example)
+    first_ok = codes_scene(first) == want[0]
+    ok = codes_scene(second) == want[1]
+    return f"{example.subtype}, first picture {'right' if first_ok else 'wrong'}", ok, str(codes_scene(second))
+
+
+def edit(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
+    source, instruction = probe.user_parts(example.turns[0])
+    drawn = codes_scene(probe.image(probe.format.edit(source, instruction)))
+    return example.subtype, drawn == pictures(example)[0], str(drawn)
+
+
+CHECKS = {"qa": question, "riddle_thinking": riddle, "multiturn": second_turn, "edit": edit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=TINY_CHECKPOINT, help="a tiny checkpoint folder")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--show", action="store_true", help="print every wrong example")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    probe = Probe(args.model)
+    report = {}
+    for family in args.families:
+        rng = random.Random(f"{args.seed}-{family}")
+        right, total = Counter(), Counter()
+        for _ in range(args.samples):
+            example = tasks.sample_example(family, rng, holdout="exclude")
+            probe.codes.prepare(example.scenes())
+            key, ok, got = CHECKS[family](probe, example)
+            total[key] += 1
+            right[key] += ok
+            if args.show and not ok:
+                asked = " | ".join(p.text for turn in example.turns if turn.role == "user" for p in turn.parts
+                                   if isinstance(p, tasks.TextPart))
+                print(f"{family} [{key}] {asked!r} -> {got}", flush=True)
+        report[family] = {key: f"{right[key]}/{total[key]}" for key in sorted(total)}
+        print(f"{family}: {report[family]}", flush=True)
+    print(json.dumps({**report, "samples": args.samples, "seed": args.seed}))
+
+
+if __name__ == "__main__":
+    main()
