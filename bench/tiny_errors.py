@@ -5,7 +5,7 @@
 
 - `qa`: answers right per question kind (colour, shape, position, count, yes/no);
 - `riddle_thinking`: pictures right when the written plan is right and when it is wrong (the SDK metric
-  counts the picture alone; a plan may also end without a picture or with a malformed header);
+  counts the picture alone; a plan may also end without a well-formed picture header);
 - `multiturn`: second pictures right per edit kind of the second turn and whether the first came out right;
 - `edit`: pictures right per edit kind (recolour, move, add, remove).
 
@@ -27,11 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from runtime import conversation as chat
 from runtime.checkpoint import TINY_CHECKPOINT
-from runtime.errors import SpanError
 from runtime.tiny import tasks
-from runtime.tiny.train import GRID, Probe, codes_scene
+from runtime.tiny.train import Probe
 
 FAMILIES = ("qa", "riddle_thinking", "multiturn", "edit")
 
@@ -42,47 +40,27 @@ def pictures(example: tasks.Example) -> list:
 
 
 def question(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
-    roles = {"user": chat.HUMAN, "assistant": chat.ASSISTANT}
-    history = [chat.Turn(roles[turn.role], probe.user_parts(turn)) for turn in example.turns[:-1]]
-    ids, _ = probe.text(probe.format.prompt(example.system, history))
-    answer = probe.decode_text(ids)
+    answer = probe.answer(example)
     return example.subtype, answer == example.target.parts[0].text, answer
 
 
 def riddle(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
-    fmt, special = probe.format, probe.codec.special
-    prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, probe.user_parts(example.turns[0]))])
-    ids, stop = probe.text(prompt, stop=frozenset({special.eos, special.boi}), max_new=128)
-    if stop != special.boi:
-        return "no picture", False, probe.decode_text(ids)
-    try:
-        plan = probe.decode_text(probe.codec.parse_thinking(ids + [special.boi]).thinking)
-    except SpanError:
-        return "malformed header", False, probe.decode_text(ids)
-    drawn = codes_scene(probe.image([prompt + ids + [special.boi], fmt.unconditional(example.system, (GRID, GRID))]))
+    plan, drawn = probe.think_then_draw(example)
+    if plan is None:
+        return "no well-formed picture", False, "-"
     plan_ok = plan == example.target.parts[0].text
     return f"plan {'right' if plan_ok else 'wrong'}", drawn == pictures(example)[0], f"{plan} -> {drawn}"
 
 
 def second_turn(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
-    fmt, turns = probe.format, example.turns
-    history = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, probe.user_parts(turns[0]))])
-    null, header = fmt.unconditional(example.system, (GRID, GRID)), fmt.header(GRID, GRID)
-    first = probe.image([history + header, null])
-    before = history + probe.codec.image_span(GRID, GRID, first) + [probe.codec.special.eos]
-    follow = fmt.turn_ids(chat.Turn(chat.HUMAN, probe.user_parts(turns[2])))
-    # The SDK's null branch for a later turn: the history kept, only this request dropped.
-    second = probe.image([before + follow + fmt.marker(chat.ASSISTANT) + header,
-                          before + fmt.marker(chat.HUMAN) + fmt.uncondition() + fmt.marker(chat.ASSISTANT) + header])
+    first, second = probe.two_turns(example)
     want = pictures(example)
-    first_ok = codes_scene(first) == want[0]
-    ok = codes_scene(second) == want[1]
-    return f"{example.subtype}, first picture {'right' if first_ok else 'wrong'}", ok, str(codes_scene(second))
+    return (f"{example.subtype}, first picture {'right' if first == want[0] else 'wrong'}", second == want[1],
+            str(second))
 
 
 def edit(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
-    source, instruction = probe.user_parts(example.turns[0])
-    drawn = codes_scene(probe.image(probe.format.edit(source, instruction)))
+    drawn = probe.edit(example)
     return example.subtype, drawn == pictures(example)[0], str(drawn)
 
 
@@ -106,7 +84,6 @@ def main() -> None:
         right, total = Counter(), Counter()
         for _ in range(args.samples):
             example = tasks.sample_example(family, rng, holdout="exclude")
-            probe.codes.prepare(example.scenes())
             key, ok, got = CHECKS[family](probe, example)
             total[key] += 1
             right[key] += ok

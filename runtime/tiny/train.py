@@ -1260,52 +1260,72 @@ class Probe:
         """A turn's parts as the conversation format takes them (a given assistant turn's too)."""
         return tuple(self.codes(p.scene) if isinstance(p, tasks.ScenePart) else p.text for p in turn.parts)
 
+    def answer(self, example: tasks.Example) -> str:
+        """The text reply to a question or caption example, every turn before the answer its history."""
+        self.codes.prepare(example.scenes())
+        roles = {"user": chat.HUMAN, "assistant": chat.ASSISTANT}
+        history = [chat.Turn(roles[turn.role], self.user_parts(turn)) for turn in example.turns[:-1]]
+        ids, _ = self.text(self.format.prompt(example.system, history))
+        return self.decode_text(ids)
+
+    def edit(self, example: tasks.Example) -> Scene | None:
+        """The scene an edit example's instruction turns its source picture into."""
+        self.codes.prepare(example.scenes())
+        source, instruction = self.user_parts(example.turns[0])
+        return codes_scene(self.image(self.format.edit(source, instruction)))
+
+    def think_then_draw(self, example: tasks.Example) -> tuple[str | None, Scene | None]:
+        """A thinking riddle's written plan and the scene drawn after it; (None, None) when the plan does not
+        end in a well-formed header of the world's grid."""
+        self.codes.prepare(example.scenes())
+        fmt, special = self.format, self.codec.special
+        prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(example.turns[0]))])
+        ids, stop = self.text(prompt, stop=frozenset({special.eos, special.boi}), max_new=128)
+        if stop != special.boi:
+            return None, None
+        try:
+            parsed = self.codec.parse_thinking(ids + [special.boi])
+        except SpanError:  # <boi> without a well-formed header before it
+            return None, None
+        if parsed.header is None or (parsed.header.height, parsed.header.width) != (GRID, GRID):
+            return None, None
+        codes = self.image([prompt + ids + [special.boi], fmt.unconditional(example.system, (GRID, GRID))])
+        return self.decode_text(parsed.thinking), codes_scene(codes)
+
+    def two_turns(self, example: tasks.Example) -> tuple[Scene | None, Scene | None]:
+        """The scenes a second-turn example draws: the first request's, then the change asked after it."""
+        self.codes.prepare(example.scenes())
+        fmt, turns = self.format, example.turns
+        history = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
+        header = fmt.header(GRID, GRID)
+        first = self.image([history + header, fmt.unconditional(example.system, (GRID, GRID))])
+        before = history + self.codec.image_span(GRID, GRID, first) + [self.codec.special.eos]
+        follow = fmt.turn_ids(chat.Turn(chat.HUMAN, self.user_parts(turns[2])))
+        # As the SDK draws a later turn: the null branch keeps the history and drops only this request.
+        second = self.image([before + follow + fmt.marker(chat.ASSISTANT) + header,
+                             before + fmt.marker(chat.HUMAN) + fmt.uncondition() + fmt.marker(chat.ASSISTANT)
+                             + header])
+        return codes_scene(first), codes_scene(second)
+
     def run(self, example: tasks.Example) -> bool:
         """Whether the checkpoint's answer to the example is exactly right."""
         self.codes.prepare(example.scenes())
         fmt, family, turns = self.format, example.family, example.turns
         target = example.target
-        if family in ("qa", "caption", "qa_followup"):  # every turn before the answer is the history
-            roles = {"user": chat.HUMAN, "assistant": chat.ASSISTANT}
-            history = [chat.Turn(roles[turn.role], self.user_parts(turn)) for turn in turns[:-1]]
-            ids, _ = self.text(fmt.prompt(example.system, history))
-            return self.decode_text(ids) == target.parts[0].text
+        if family in ("qa", "caption", "qa_followup"):
+            return self.answer(example) == target.parts[0].text
         answer = [p.scene for p in target.parts if isinstance(p, tasks.ScenePart)]
         if family in ("t2i", "riddle_direct"):
             codes = self.image(fmt.text_to_image(turns[0].parts[0].text, (GRID, GRID), example.system))
             return codes_scene(codes) == answer[0]
         if family == "edit":
-            source, instruction = self.user_parts(turns[0])
-            return codes_scene(self.image(fmt.edit(source, instruction))) == answer[0]
+            return self.edit(example) == answer[0]
         if family == "riddle_thinking":
-            prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
-            special = self.codec.special
-            ids, stop = self.text(prompt, stop=frozenset({special.eos, special.boi}), max_new=128)
-            if stop != special.boi:
-                return False
-            try:
-                parsed = self.codec.parse_thinking(ids + [special.boi])
-            except SpanError:  # <boi> without a well-formed header before it
-                return False
-            if parsed.header is None or (parsed.header.height, parsed.header.width) != (GRID, GRID):
-                return False
-            cond = prompt + ids + [special.boi]
-            codes = self.image([cond, fmt.unconditional(example.system, (GRID, GRID))])
-            plan_ok = self.decode_text(parsed.thinking) == target.parts[0].text
-            return plan_ok and codes_scene(codes) == answer[0]
+            plan, drawn = self.think_then_draw(example)
+            return plan == target.parts[0].text and drawn == answer[0]
         if family == "multiturn":
-            history = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
-            null = fmt.unconditional(example.system, (GRID, GRID))
-            header = fmt.header(GRID, GRID)
-            first = self.image([history + header, null])
-            before = history + self.codec.image_span(GRID, GRID, first) + [self.codec.special.eos]
-            follow = fmt.turn_ids(chat.Turn(chat.HUMAN, self.user_parts(turns[2])))
-            # As the SDK draws a later turn: the null branch keeps the history and drops only this request.
-            second = self.image([before + follow + fmt.marker(chat.ASSISTANT) + header,
-                                 before + fmt.marker(chat.HUMAN) + fmt.uncondition() + fmt.marker(chat.ASSISTANT)
-                                 + header])
             pictures = [p.scene for turn in turns if turn.role == "assistant" for p in turn.parts]
-            return codes_scene(first) == pictures[0] and codes_scene(second) == pictures[1]
+            return self.two_turns(example) == (pictures[0], pictures[1])
         if family == "story":
             prompt = fmt.prompt(example.system, [chat.Turn(chat.HUMAN, self.user_parts(turns[0]))])
             ids, _ = self.text(prompt, allow_images=True, max_new=320)
