@@ -167,37 +167,6 @@ def test_a_built_question_guides_its_answer_to_the_focus_cells_of_its_picture():
                                                           sorted(example.focus, key=train.CELLS.index)]
 
 
-def test_a_second_turn_drops_only_its_own_request_when_the_recipe_trains_its_null_branch():
-    from runtime.tiny import tasks
-
-    codes = train.SceneCodes(TINY_CHECKPOINT / "image_tokenizer")
-    example = tasks.sample_example("multiturn", random.Random(3), "exclude")
-    codes.prepare(example.scenes())
-    first, _, second, _ = (turn.parts[0] for turn in example.turns)
-
-    def built(later_null):
-        builder = train.SequenceBuilder(TINY_CHECKPOINT, codes, later_null=later_null)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train, "CFG_DROP", 1.0)
-            patch.setattr(train, "TRUNCATE_AFTER_CODES", 0.0)
-            seq = builder.build(example, random.Random(0))
-        return builder, seq
-
-    def contains(ids, part):
-        return any(ids[i:i + len(part)] == part for i in range(len(ids)))
-
-    builder, kept = built(False)
-    fmt = builder.format
-    assert contains(kept.ids, fmt.part_ids(first.text)) and contains(kept.ids, fmt.part_ids(second.text))
-    assert not contains(kept.ids, fmt.uncondition())
-    _, dropped = built(True)
-    assert contains(dropped.ids, fmt.part_ids(first.text)) and not contains(dropped.ids, fmt.part_ids(second.text))
-    assert contains(dropped.ids, fmt.uncondition())
-    # What the model must draw is unchanged: both pictures.
-    assert [t for t, c in zip(dropped.ids, dropped.code) if c] == [t for t, c in zip(kept.ids, kept.code) if c]
-    assert sum(dropped.code) == 2 * len(train.CELLS)
-
-
 def test_the_loss_adds_guidance_and_reading_terms_that_stay_out_of_the_checkpoint(codec):
     world = train.WorldLabels(codec)
     torch.manual_seed(0)

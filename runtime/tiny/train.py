@@ -703,18 +703,16 @@ class SceneCodes:
 class SequenceBuilder:
     """Turns task examples into token ids with runtime.conversation, exactly as inference builds prompts."""
 
-    def __init__(self, out: Path, codes: SceneCodes, later_null: bool = False):
+    def __init__(self, out: Path, codes: SceneCodes):
         self.codec = TokenCodec.from_pretrained(out, config={"vocab_size": TEXT_VOCAB_SIZE + NUM_CODES,
                                                              "image_token_offset": TEXT_VOCAB_SIZE})
         self.format = chat.ConversationFormat(self.codec)
         self.codes = codes
-        self.later_null = later_null  # see Recipe.later_null
 
     def build(self, example: tasks.Example, rng: random.Random) -> TrainSequence:
         fmt, special = self.format, self.codec.special
         turns = list(example.turns)
         user_null = image_null = False
-        null_from = 0  # the first turn whose request the null prompt replaces: only the last one of a conversation
         if example.family in ("t2i", "riddle_direct", "riddle_thinking") and rng.random() < CFG_DROP:
             user_null = True
             if example.family == "riddle_thinking":  # the null prompt's answer is the picture alone
@@ -723,8 +721,6 @@ class SequenceBuilder:
         elif example.family == "edit":
             draw = rng.random()
             user_null, image_null = draw < CFG_DROP, CFG_DROP <= draw < CFG_DROP + IMAGE_DROP
-        elif example.family == "multiturn" and self.later_null and rng.random() < CFG_DROP:
-            user_null, null_from = True, len(turns) - 2
 
         seq = TrainSequence([], [], [], sum(1 << CELLS.index(cell) for cell in example.focus))
         self._add(seq, fmt.turn_ids(chat.Turn(chat.SYSTEM, (example.system,))), False)
@@ -738,8 +734,7 @@ class SequenceBuilder:
                         self._add(seq, [special.image_start] if image_null else fmt.part_ids(self.codes(part.scene)),
                                   False)
                     else:
-                        nulled = user_null and index >= null_from
-                        self._add(seq, fmt.uncondition() if nulled else fmt.part_ids(part.text), False)
+                        self._add(seq, fmt.uncondition() if user_null else fmt.part_ids(part.text), False)
                 continue
             self._add(seq, fmt.marker(chat.ASSISTANT), False)
             for part in turn.parts:
@@ -946,9 +941,6 @@ class Recipe:
     # the committed backbone was pretrained without it.
     focus: bool = False
     examples_per_step: int = EXAMPLES_PER_STEP
-    # Whether a second turn's request is dropped as often as a first turn's (CFG_DROP), the history kept: the
-    # null branch the SDK draws a later turn's picture with. Off in pretraining, whose data stream predates it.
-    later_null: bool = False
 
 
 PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True, from_checkpoint=False,
@@ -1129,7 +1121,7 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     """
     rng = seed_all(seed)
     codes = SceneCodes(out / "image_tokenizer")
-    builder = SequenceBuilder(out, codes, later_null=recipe.later_null)
+    builder = SequenceBuilder(out, codes)
     special = builder.codec.special.as_dict()
     backbone = Backbone(backbone_config(special), builder.codec)
     if recipe.from_checkpoint:
