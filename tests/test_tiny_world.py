@@ -21,6 +21,7 @@ from runtime.tiny.tasks import (
     HOLDOUT_RIDDLE_ORANGE_SQUARE,
     NUMBER_WORDS,
     PLURALS,
+    QA_SUBTYPES,
     SHAPE_CLUES,
     SYSTEM_EDITING,
     SYSTEM_INTERLEAVED,
@@ -569,8 +570,22 @@ def test_mixture_follows_the_weights():
     assert 0.65 < families.count("qa") / len(families) < 0.85
 
 
+def test_a_subtype_key_adds_examples_of_that_kind_on_top_of_the_family():
+    rng = random.Random(5)
+    drawn = [sample_mixture(rng, {"qa": 1.0, "qa/yes_no": 1.0, "t2i": 1.0}) for _ in range(600)]
+    questions = [e for e in drawn if e.family == "qa"]
+    # Half the questions come from the subtype key, a fifth of the rest from the family's own draw.
+    assert 0.5 < sum(e.subtype == "yes_no" for e in questions) / len(questions) < 0.7
+    assert {e.subtype for e in questions} == set(QA_SUBTYPES)
+    assert all(e.subtype == "count" for e in (sample_example("qa_followup", rng, subtype="count") for _ in range(20)))
+
+
 @pytest.mark.parametrize("call", [
     lambda rng: sample_example("poetry", rng),
+    lambda rng: sample_example("t2i", rng, subtype="yes_no"),
+    lambda rng: sample_example("qa", rng, subtype="poetry"),
+    lambda rng: sample_mixture(rng, {"qa/poetry": 1.0}),
+    lambda rng: sample_mixture(rng, {"t2i/yes_no": 1.0}),
     lambda rng: sample_example("qa", rng, holdout="some"),
     lambda rng: sample_mixture(rng, {"poetry": 1.0}),
     lambda rng: sample_mixture(rng, {"qa": 0.0}),

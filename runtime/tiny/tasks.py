@@ -321,8 +321,8 @@ _QA: dict[str, Callable[[random.Random, Scene], tuple[str, str, Scene, tuple[str
 }
 
 
-def _qa(rng: random.Random, scenes: _Scenes) -> Example:
-    subtype = rng.choice(QA_SUBTYPES)
+def _qa(rng: random.Random, scenes: _Scenes, subtype: str | None = None) -> Example:
+    subtype = subtype or rng.choice(QA_SUBTYPES)
     question, answer, scene, focus = _QA[subtype](rng, scenes.draw())
     return Example("qa", SYSTEM_UNDERSTANDING, (
         _user(ScenePart(scene), TextPart(question)),
@@ -330,10 +330,10 @@ def _qa(rng: random.Random, scenes: _Scenes) -> Example:
     ), subtype, focus)
 
 
-def _qa_followup(rng: random.Random, scenes: _Scenes) -> Example:
+def _qa_followup(rng: random.Random, scenes: _Scenes, subtype: str | None = None) -> Example:
     """A question about a picture after an earlier exchange about it in the same chat (a caption or another
     question), the picture shown again or not: what a session's second turn looks like."""
-    subtype = rng.choice(QA_SUBTYPES)
+    subtype = subtype or rng.choice(QA_SUBTYPES)
     question, answer, scene, focus = _QA[subtype](rng, scenes.draw())
     earlier = _QA[rng.choice(QA_SUBTYPES)](rng, scene) if rng.random() < 0.5 else None
     if earlier is not None and earlier[2] == scene:  # (a position question may repaint its scene)
@@ -663,26 +663,32 @@ def _story(rng: random.Random, scenes: _Scenes) -> Example:
 
 # ---- sampling ------------------------------------------------------------------------------------------
 
-_GENERATORS: dict[str, Callable[[random.Random, _Scenes], Example]] = {
+_GENERATORS: dict[str, Callable[..., Example]] = {
     "caption": _caption, "qa": _qa, "t2i": _t2i, "riddle_thinking": _riddle_thinking,
     "riddle_direct": _riddle_direct, "edit": _edit, "multiturn": _multiturn, "story": _story,
     "qa_followup": _qa_followup,
 }
+# The kinds of example a family can be asked for alone (`sample_example(..., subtype=)`).
+SUBTYPES: dict[str, tuple[str, ...]] = {"qa": QA_SUBTYPES, "qa_followup": QA_SUBTYPES}
 _MAX_DRAWS = 1000
 
 
-def sample_example(family: str, rng: random.Random, holdout: str = "exclude") -> Example:
+def sample_example(family: str, rng: random.Random, holdout: str = "exclude", subtype: str | None = None) -> Example:
     """Return one example of `family`, deterministic given the state of `rng`.
 
     holdout: "exclude" (training data: no held-out scene, riddle or text anywhere in the example), "only"
     (every example is held out: for evaluating compositional generalisation), or "any" (no filter).
+    subtype: only examples of this kind (a question family's QA_SUBTYPES); None draws the kind too.
     """
     if family not in _GENERATORS:
         raise TaskError(f"unknown task family {family!r}; expected one of {FAMILIES}")
     if holdout not in HOLDOUT_MODES:
         raise TaskError(f"unknown holdout mode {holdout!r}; expected one of {HOLDOUT_MODES}")
+    if subtype is not None and subtype not in SUBTYPES.get(family, ()):
+        raise TaskError(f"{family!r} has no subtype {subtype!r}; it has {SUBTYPES.get(family, ())}")
+    kind = {} if subtype is None else {"subtype": subtype}
     for _ in range(_MAX_DRAWS):
-        example = _GENERATORS[family](rng, _Scenes(rng, holdout))
+        example = _GENERATORS[family](rng, _Scenes(rng, holdout), **kind)
         if holdout == "any" or is_holdout_example(example) == (holdout == "only"):
             return example
     raise TaskError(f"no {family!r} example met holdout={holdout!r} in {_MAX_DRAWS} draws")
@@ -690,16 +696,24 @@ def sample_example(family: str, rng: random.Random, holdout: str = "exclude") ->
 
 def sample_mixture(rng: random.Random, weights: Mapping[str, float] | None = None,
                    holdout: str = "exclude") -> Example:
-    """Return one example of a family drawn in proportion to `weights` (DEFAULT_WEIGHTS when None)."""
+    """Return one example of a family drawn in proportion to `weights` (DEFAULT_WEIGHTS when None).
+
+    A key "family/subtype" (such as "qa/yes_no") weighs examples of that kind alone, on top of what the
+    family's own key draws of every kind.
+    """
     weights = DEFAULT_WEIGHTS if weights is None else weights
-    unknown = sorted(set(weights) - set(FAMILIES))
+    known = set(FAMILIES) | {f"{f}/{s}" for f, kinds in SUBTYPES.items() for s in kinds}
+    unknown = sorted(set(weights) - known)
     if unknown:
-        raise TaskError(f"unknown task families in weights: {unknown}; expected some of {FAMILIES}")
-    families = [f for f in FAMILIES if weights.get(f, 0.0) > 0.0]
-    if not families or any(w < 0 for w in weights.values()):
+        raise TaskError(f"unknown task families in weights: {unknown}; expected some of {FAMILIES}, or "
+                        f"family/subtype for {sorted(SUBTYPES)}")
+    # Families first, in their fixed order, so a mixture without subtype keys draws as it always has.
+    keys = [f for f in FAMILIES if weights.get(f, 0.0) > 0.0] + sorted(k for k in weights
+                                                                       if "/" in k and weights[k] > 0.0)
+    if not keys or any(w < 0 for w in weights.values()):
         raise TaskError(f"weights must be non-negative with at least one positive, got {dict(weights)}")
-    family = rng.choices(families, weights=[weights[f] for f in families])[0]
-    return sample_example(family, rng, holdout)
+    family, _, subtype = rng.choices(keys, weights=[weights[k] for k in keys])[0].partition("/")
+    return sample_example(family, rng, holdout, subtype or None)
 
 
 # ---- vocabulary ----------------------------------------------------------------------------------------

@@ -949,12 +949,13 @@ PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True,
 # weighted up, every family kept so none is forgotten, edits a little up so they hold. Tilting the mixture
 # from the start instead cost edits and held-out drawing (runtime/tiny/README.md); after pretraining it does
 # not. Questions learn slowly next to the other families: a larger share and learning rate moved them, and
-# so did more questions per step on top of the same number of every other family (32 examples a step, 15.5
-# of them questions: single-forward question accuracy 0.76 -> 0.84, runtime/tiny/README.md).
+# so did more questions per step on top of the same number of every other family; thinking riddles and
+# yes/no questions ("qa/yes_no") moved the same way (40 examples a step: questions 0.80 -> 0.87, thinking
+# riddles 0.80 -> 0.935 through the SDK, runtime/tiny/README.md).
 FINETUNE = Recipe("finetune", lr=1e-3, warmup=100,
-                  mixture={**MIXTURE, "qa": 12.5, "qa_followup": 3.0, "riddle_thinking": 4.0, "multiturn": 4.0,
-                           "edit": 2.0},
-                  tables=False, from_checkpoint=True, balance=1e-4, focus=True, examples_per_step=32)
+                  mixture={**MIXTURE, "qa": 12.5, "qa/yes_no": 4.0, "qa_followup": 3.0, "riddle_thinking": 8.0,
+                           "multiturn": 4.0, "edit": 2.0},
+                  tables=False, from_checkpoint=True, balance=1e-4, focus=True, examples_per_step=40)
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
