@@ -15,6 +15,7 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from runtime.errors import RuntimeErrorBase
 from runtime.tiny.world import (
@@ -670,6 +671,8 @@ _GENERATORS: dict[str, Callable[..., Example]] = {
 }
 # The kinds of example a family can be asked for alone (`sample_example(..., subtype=)`).
 SUBTYPES: dict[str, tuple[str, ...]] = {"qa": QA_SUBTYPES, "qa_followup": QA_SUBTYPES}
+# What a mixture may weigh: a family, or "family/subtype" for one kind of it alone.
+_MIXTURE_KEYS = frozenset(FAMILIES) | {f"{family}/{kind}" for family, kinds in SUBTYPES.items() for kind in kinds}
 _MAX_DRAWS = 1000
 
 
@@ -686,9 +689,9 @@ def sample_example(family: str, rng: random.Random, holdout: str = "exclude", su
         raise TaskError(f"unknown holdout mode {holdout!r}; expected one of {HOLDOUT_MODES}")
     if subtype is not None and subtype not in SUBTYPES.get(family, ()):
         raise TaskError(f"{family!r} has no subtype {subtype!r}; it has {SUBTYPES.get(family, ())}")
-    kind = {} if subtype is None else {"subtype": subtype}
+    generate = _GENERATORS[family] if subtype is None else partial(_GENERATORS[family], subtype=subtype)
     for _ in range(_MAX_DRAWS):
-        example = _GENERATORS[family](rng, _Scenes(rng, holdout), **kind)
+        example = generate(rng, _Scenes(rng, holdout))
         if holdout == "any" or is_holdout_example(example) == (holdout == "only"):
             return example
     raise TaskError(f"no {family!r} example met holdout={holdout!r} in {_MAX_DRAWS} draws")
@@ -702,8 +705,7 @@ def sample_mixture(rng: random.Random, weights: Mapping[str, float] | None = Non
     family's own key draws of every kind.
     """
     weights = DEFAULT_WEIGHTS if weights is None else weights
-    known = set(FAMILIES) | {f"{f}/{s}" for f, kinds in SUBTYPES.items() for s in kinds}
-    unknown = sorted(set(weights) - known)
+    unknown = sorted(set(weights) - _MIXTURE_KEYS)
     if unknown:
         raise TaskError(f"unknown task families in weights: {unknown}; expected some of {FAMILIES}, or "
                         f"family/subtype for {sorted(SUBTYPES)}")
