@@ -580,12 +580,24 @@ def test_a_subtype_key_adds_examples_of_that_kind_on_top_of_the_family():
     assert all(e.subtype == "count" for e in (sample_example("qa_followup", rng, subtype="count") for _ in range(20)))
 
 
+@pytest.mark.parametrize("family", ["edit", "multiturn"])
+def test_an_edit_family_can_be_asked_for_one_operation(family):
+    rng = random.Random(6)
+    for _ in range(20):
+        example = sample_example(family, rng, subtype="remove")
+        before, after = example.scenes()[0], example.scenes()[-1]
+        instruction = example.texts()[-1].removeprefix("now ")
+        assert example.subtype == "remove" and len(after) == len(before) - 1
+        assert _edit_is_consistent("remove", before, after, instruction), (instruction, before, after)
+
+
 @pytest.mark.parametrize("call", [
     lambda rng: sample_example("poetry", rng),
     lambda rng: sample_example("t2i", rng, subtype="yes_no"),
     lambda rng: sample_example("qa", rng, subtype="poetry"),
     lambda rng: sample_mixture(rng, {"qa/poetry": 1.0}),
     lambda rng: sample_mixture(rng, {"t2i/yes_no": 1.0}),
+    lambda rng: sample_example("edit", rng, subtype="yes_no"),
     lambda rng: sample_example("qa", rng, holdout="some"),
     lambda rng: sample_mixture(rng, {"poetry": 1.0}),
     lambda rng: sample_mixture(rng, {"qa": 0.0}),

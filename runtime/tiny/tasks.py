@@ -526,8 +526,8 @@ def _edit_instruction(rng: random.Random, source: Scene, op: str, it: bool) -> t
     return rng.choice(REMOVE_INSTRUCTIONS).format(ref=ref), source.removed(target.cell)
 
 
-def _edit(rng: random.Random, scenes: _Scenes) -> Example:
-    op = rng.choice(EDIT_OPS)
+def _edit(rng: random.Random, scenes: _Scenes, subtype: str | None = None) -> Example:
+    op = subtype or rng.choice(EDIT_OPS)
     source = _edit_source(scenes, op)
     instruction, edited = _edit_instruction(rng, source, op, it=False)
     return Example("edit", SYSTEM_EDITING, (
@@ -535,8 +535,8 @@ def _edit(rng: random.Random, scenes: _Scenes) -> Example:
     ), op)
 
 
-def _multiturn(rng: random.Random, scenes: _Scenes) -> Example:
-    op = rng.choice(EDIT_OPS)
+def _multiturn(rng: random.Random, scenes: _Scenes, subtype: str | None = None) -> Example:
+    op = subtype or rng.choice(EDIT_OPS)
     first = _edit_source(scenes, op)
     request = rng.choice(T2I_PROMPTS).format(desc=_loose_description(rng, first))
     instruction, second = _edit_instruction(rng, first, op, it=True)
@@ -670,7 +670,8 @@ _GENERATORS: dict[str, Callable[..., Example]] = {
     "qa_followup": _qa_followup,
 }
 # The kinds of example a family can be asked for alone (`sample_example(..., subtype=)`).
-SUBTYPES: dict[str, tuple[str, ...]] = {"qa": QA_SUBTYPES, "qa_followup": QA_SUBTYPES}
+SUBTYPES: dict[str, tuple[str, ...]] = {"qa": QA_SUBTYPES, "qa_followup": QA_SUBTYPES, "edit": EDIT_OPS,
+                                        "multiturn": EDIT_OPS}
 # What a mixture may weigh: a family, or "family/subtype" for one kind of it alone.
 _MIXTURE_KEYS = frozenset(FAMILIES) | {f"{family}/{kind}" for family, kinds in SUBTYPES.items() for kind in kinds}
 _MAX_DRAWS = 1000
@@ -681,7 +682,8 @@ def sample_example(family: str, rng: random.Random, holdout: str = "exclude", su
 
     holdout: "exclude" (training data: no held-out scene, riddle or text anywhere in the example), "only"
     (every example is held out: for evaluating compositional generalisation), or "any" (no filter).
-    subtype: only examples of this kind (a question family's QA_SUBTYPES); None draws the kind too.
+    subtype: only examples of this kind (`SUBTYPES`: a question's kind, an edit's operation); None draws the
+    kind too.
     """
     if family not in _GENERATORS:
         raise TaskError(f"unknown task family {family!r}; expected one of {FAMILIES}")
