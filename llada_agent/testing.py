@@ -41,8 +41,10 @@ class _ScriptedHandle:
         stops = stops if stops is not None else frozenset({eos_id})
         cut = next((i for i, t in enumerate(written) if t in stops), None)
         limit = request.options.max_new_tokens
+        self.rest: list[int] = []
         if cut is not None and cut < limit:
             ids, reason, stop_id = written[:cut], "stop", written[cut]
+            self.rest = written[cut:]
         else:
             ids, reason, stop_id = written[:limit], "length", None
         self.request = request
@@ -69,24 +71,39 @@ class ScriptedText:
     """A model's engine whose text requests return scripted ids (image requests and vision work run for
     real): drives sessions through exactly the outputs a test wants, well-formed or not.
 
-    Each script entry is what the model "writes": ids, usually ending with a stop id (end-of-text, or
-    `<boi>` for a thinking or story phase). `requests` records the text requests made."""
+    Each script entry is what the model "writes": ids, usually ending with a stop id (end-of-text, or a
+    picture's header `<|image|> h w <boi>` for a thinking or story phase). A request held to a few ids (a
+    header's grid sizes, `only_ids`) takes them from what the previous entry wrote past its stop, as the
+    sampler would keep only those; when that holds too few, the model writes them for real. `requests`
+    records the text requests the script answered, `header_requests` those held to grid sizes."""
 
     def __init__(self, engine: Any, outputs: list[list[int]], eos_id: int):
         self._engine = engine
         self._outputs = list(outputs)
         self._eos = eos_id
+        self._rest: list[int] = []  # what the last entry wrote from its stop id on
         self.requests: list[Any] = []
+        self.header_requests: list[Any] = []
 
     def submit(self, request: Any, *, timeout: float | None = None) -> Any:
         from runtime.engine import TextRequest
 
         if not isinstance(request, TextRequest):
             return self._engine.submit(request, timeout=timeout)
+        only, limit = request.options.only_ids, request.options.max_new_tokens
+        if only is not None:
+            self.header_requests.append(request)
+            kept = [t for t in self._rest if t in only][:limit]
+            self._rest = []
+            if len(kept) < limit:
+                return self._engine.submit(request, timeout=timeout)
+            return _ScriptedHandle(request, kept, self._eos)
         if not self._outputs:
             raise AssertionError("the script has no output left for this text request")
         self.requests.append(request)
-        return _ScriptedHandle(request, self._outputs.pop(0), self._eos)
+        handle = _ScriptedHandle(request, self._outputs.pop(0), self._eos)
+        self._rest = handle.rest
+        return handle
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

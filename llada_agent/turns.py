@@ -5,12 +5,16 @@ Every prompt extends the session's history ids exactly. A turn's parts:
 
 - chat: text after the assistant opening, until end-of-text.
 - draw: the image header, then h*w codes with simple guidance against the null prompt.
-- think: text until the model writes `<boi>`; its header decides the grid (MODEL_SPEC §10); then codes.
+- think: text until the model opens its picture; the grid it then writes decides the size (MODEL_SPEC §10);
+  then codes.
 - edit: codes after the header of the source's grid, with editing guidance (full, no text, no image).
-- story: text until `<boi>` or end-of-text, a picture for each header, up to `max_frames` pictures.
+- story: text until the model opens a picture or ends, a picture for each, up to `max_frames` pictures.
 
-What the model writes is checked against the span grammar; a break ends the reply before it
-(finish_reason "malformed", `warnings` say where) instead of putting broken ids into the history.
+Where the model opens a picture inside text (think, story), the header follows the span grammar by
+construction: the text stops at the first header id the model writes, the two grid sizes are then sampled
+after `<|image|>` among the grid tokens alone, and `<boi>` closes the header (`TurnRunner._text_and_header`). What a chat
+reply writes is checked instead; a break ends the reply before it (finish_reason "malformed", `warnings`
+say where) rather than putting broken ids into the history.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from .schemas import (
     TurnDone,
     Usage,
 )
-from .spans import first_format_id, read_headed_text, read_text
+from .spans import first_format_id, read_text
 
 if TYPE_CHECKING:
     from .session import Session
@@ -238,6 +242,28 @@ class TurnRunner:
         if rest is not None:
             await self.emit(rest)
         return result
+
+    async def _text_and_header(self, prompt: list[int], options: TextOptions, *, thinking: bool,
+                               ) -> tuple[rt.GenerationResult, tuple[int, int] | None]:
+        """Text until the model opens a picture or ends, then that picture's grid (None when it opened none).
+
+        The text stops at the first id of a header (`<|image|>`, a grid size, `<boi>`; or a stray `<|/image|>`):
+        there the model opens a picture. The height and width are then sampled among the grid tokens alone,
+        after `<|image|>`, so the model chooses the size and the header is always well formed (left free, a
+        small model writes text into a header, or `<boi>` without one)."""
+        special = self.codec.special
+        markup = self.codec.image_markup_ids
+        result = await self._text(prompt, options, thinking=thinking, stop_ids=markup | {special.eos})
+        if result.stop_id not in markup:
+            return result, None
+        grid_ids = frozenset(self.codec.grid_token_id(size) for size in range(1, self.codec.max_grid + 1))
+        sizes = rt.TextOptions(max_new_tokens=2, steps=2, threshold=None, temperature=options.temperature,
+                               top_k=options.top_k, top_p=options.top_p, only_ids=grid_ids, seed=options.seed)
+        header = await self._request(TextRequest(prompt + result.ids + [special.image_start], sizes), _ignore)
+        grid = tuple(self.codec.grid_size(token) for token in header.ids)
+        if len(grid) != 2 or None in grid:  # only a scripted test can write other ids here
+            raise LLaDAError(f"the grid sizes of a header came back as {header.ids}, not two grid tokens")
+        return result, grid  # type: ignore[return-value]
 
     async def _image(self, branches: list[list[int]], grid: tuple[int, int], options: rt.ImageOptions,
                      decode: ImageOptions | EditOptions) -> ImagePart:
@@ -411,21 +437,18 @@ class TurnRunner:
 
     async def _think_phase(self, prompt: list[int], options: ThinkOptions,
                            fallback: tuple[int, int]) -> tuple[list[int], tuple[int, int]]:
-        """Thinking text until the model opens its image; the grid from its header (else `fallback`)."""
-        stops = frozenset({self.codec.special.eos, self.codec.special.boi})
-        result = await self._text(prompt, options, thinking=True, stop_ids=stops)
-        headed = read_headed_text(self.codec, result.ids, result.stop_id)
-        if headed.warning:
-            self.progress.warnings.append(headed.warning)
-        grid = headed.grid
+        """Thinking text until the model opens its image; the grid it writes there (else `fallback`)."""
+        result, grid = await self._text_and_header(prompt, options, thinking=True)
         if grid is None:
-            self.progress.warnings.append(f"no image header from the model; drawing at {fallback[0]}x{fallback[1]}")
+            ended = "stopped at the length limit" if result.stop_id is None else "ended its text"
+            self.progress.warnings.append(f"the model {ended} without opening a picture; drawing at "
+                                          f"{fallback[0]}x{fallback[1]}")
             grid = fallback
-        elif not self._fits(len(prompt) + len(headed.text) + 4, grid):
+        elif not self._fits(len(prompt) + len(result.ids) + 4, grid):
             self.progress.warnings.append(f"the model's header asks for a {grid[0]}x{grid[1]} image, which does "
                                           f"not fit; drawing at {fallback[0]}x{fallback[1]}")
             grid = fallback
-        return headed.text, grid
+        return list(result.ids), grid
 
     # ----- edit
 
@@ -459,7 +482,6 @@ class TurnRunner:
     async def _story(self, user_parts: list[Any]) -> tuple[list[int], list[Any], FinishReason]:
         options = self._options(StoryOptions, StoryOptions())
         image_options = options.image
-        stops = frozenset({self.codec.special.eos, self.codec.special.boi})
         content: list[int] = []
         parts: list[Any] = []
         frames = 0
@@ -467,21 +489,16 @@ class TurnRunner:
         while True:
             prompt = self.prompt + content
             try:
-                result = await self._text(prompt, options.text, thinking=False, stop_ids=stops)
+                result, grid = await self._text_and_header(prompt, options.text, thinking=False)
             except ContextLengthError:
                 self.progress.warnings.append("the story reached the end of the context")
                 return content, parts, "length"
-            headed = read_headed_text(self.codec, result.ids, result.stop_id)
-            content += headed.text
-            parts.append(TextPart(text=self.codec.decode(headed.text)))
-            if headed.warning:
-                self.progress.warnings.append(headed.warning)
-                return content, parts, "malformed"
-            if headed.grid is None:
+            content += result.ids
+            parts.append(TextPart(text=self.codec.decode(result.ids)))
+            if grid is None:
                 return content, parts, result.finish_reason
-            grid = headed.grid
             header = self.codec.image_header(*grid)
-            if not self._fits(len(prompt) + len(headed.text) + 4, grid):
+            if not self._fits(len(prompt) + len(result.ids) + 4, grid):
                 self.progress.warnings.append(f"the model opened a {grid[0]}x{grid[1]} picture that does not fit "
                                               "the context; the story ends before it")
                 return content, parts, "length"
@@ -519,6 +536,10 @@ def _codes(part: ImagePart) -> Any:
     from runtime.conversation import ImageCodes
 
     return ImageCodes(part.grid[0], part.grid[1], tuple(part.codes))
+
+
+async def _ignore(raw: Any) -> None:
+    """The events of a request no one watches (a header's two grid sizes)."""
 
 
 async def _drain(handle: Any) -> None:

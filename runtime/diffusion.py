@@ -47,14 +47,18 @@ def cfg_rescale(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
     return rescale * guided * ratio + (1.0 - rescale) * guided
 
 
-def banned_ids(size: int, *, allowed: range | None = None, forbidden: Iterable[range | int] = (),
+def banned_ids(size: int, *, allowed: range | Iterable[int] | None = None, forbidden: Iterable[range | int] = (),
                device: torch.device | str | None = None) -> Tensor:
-    """Bool [size]: the ids that may never be written — every id outside `allowed` (None: no such bound)
-    and every id or range in `forbidden`. Built once per request; `ban` applies it at every step."""
+    """Bool [size]: the ids that may never be written — every id outside `allowed` (a range or a set of ids;
+    None: no such bound) and every id or range in `forbidden`. Built once per request; `ban` applies it at
+    every step."""
     banned = torch.zeros(size, dtype=torch.bool, device=device)
-    if allowed is not None:
+    if isinstance(allowed, range):
         banned[: allowed.start] = True
         banned[allowed.stop :] = True
+    elif allowed is not None:
+        banned[:] = True
+        banned[sorted(allowed)] = False
     for ids in forbidden:
         if isinstance(ids, range):
             banned[ids.start : ids.stop] = True

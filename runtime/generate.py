@@ -72,10 +72,12 @@ class TextOptions:
     stop_ids: frozenset[int] | None = None  # None: stop at end-of-text
     allow_image_ids: bool = False  # interleaved writing lets the model emit image codes itself
     forbid_ids: frozenset[int] = frozenset()  # never written either (a plain answer holds no image markup)
+    only_ids: frozenset[int] | None = None  # when given, the only ids it may write (a header's grid sizes)
     seed: int | None = None
 
     def validate(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        _check(self.only_ids is None or len(self.only_ids) > 0, "only_ids, when given, must name some ids")
         _check_sampling(self.steps, self.threshold, self.temperature, self.top_k, self.top_p)
 
 
@@ -243,8 +245,8 @@ class GenerationTask:
                 forbidden.append(range(vocab.image_offset, vocab.vocab_size))
             forbidden += options.forbid_ids
         # One mask for every denoising step of the request.
-        self._banned = diffusion.banned_ids(vocab.vocab_size, allowed=vocab.image_ids if kind == "image" else None,
-                                            forbidden=forbidden, device=device)
+        allowed = vocab.image_ids if kind == "image" else getattr(options, "only_ids", None)
+        self._banned = diffusion.banned_ids(vocab.vocab_size, allowed=allowed, forbidden=forbidden, device=device)
 
         layers = config.num_hidden_layers
         heads = config.num_key_value_heads

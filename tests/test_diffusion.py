@@ -58,6 +58,12 @@ def test_vocabulary_constraint_keeps_only_the_allowed_ids():
     assert int(constrained.argmax()) == 4
 
 
+def test_a_set_of_allowed_ids_keeps_only_those():
+    banned = diffusion.banned_ids(10, allowed={7, 2, 4}, forbidden=[4])
+    assert [i for i, b in enumerate(banned.tolist()) if not b] == [2, 7]
+    assert int(diffusion.ban(torch.arange(10.0), banned).argmax()) == 7
+
+
 def test_forbidding_ids_removes_them_from_the_argmax():
     logits = torch.arange(10.0)
     assert int(diffusion.ban(logits, diffusion.banned_ids(10, forbidden=[range(8, 10)])).argmax()) == 7

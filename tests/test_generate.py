@@ -99,6 +99,17 @@ def test_forbidden_ids_are_never_written_and_the_rest_of_the_answer_adapts(model
     assert result.ids == generate_text(model, prompt(20), VOCAB, options, mode="recompute").ids
 
 
+def test_only_ids_holds_the_answer_to_those_ids(model):
+    free = generate_text(model, prompt(20), VOCAB, TextOptions(max_new_tokens=8, stop_ids=frozenset()))
+    only = frozenset(range(40, 43)) - set(free.ids)
+    options = TextOptions(max_new_tokens=8, stop_ids=frozenset(), only_ids=only, threshold=None, steps=8)
+    result = generate_text(model, prompt(20), VOCAB, options)
+    assert len(result.ids) == 8 and set(result.ids) <= only
+    assert result.ids == generate_text(model, prompt(20), VOCAB, options, mode="recompute").ids
+    with pytest.raises(GenerationError, match="only_ids"):
+        generate_text(model, prompt(20), VOCAB, TextOptions(only_ids=frozenset()))
+
+
 def test_block_events_add_up_to_the_result(model):
     events = []
     result = generate_text(model, prompt(40), VOCAB, TextOptions(max_new_tokens=50, stop_ids=frozenset()),

@@ -99,7 +99,7 @@ def test_redraws_stop_at_the_limit(model):
     hooks = Hooks(after_drawing=lambda drawing: Redraw())
     with scripted_text(model, [planned(model, "plan", (2, 2))]):
         reply = run(session.send("a tree", options=options, hooks=hooks))
-    assert reply.usage.requests == 3  # one thinking, two drawings
+    assert reply.usage.requests == 4  # one thinking, its header's grid sizes, two drawings
     assert any("limit" in warning for warning in reply.warnings)
 
 

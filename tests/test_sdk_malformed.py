@@ -1,4 +1,5 @@
-"""What the model writes is checked: broken spans end a reply gracefully, never crash or enter the history."""
+"""What the model writes is checked: broken spans end a reply gracefully, never crash or enter the history;
+a picture opened inside text gets a well-formed header by construction."""
 
 import asyncio
 
@@ -7,7 +8,7 @@ import pytest
 import llada_agent
 from llada_agent import ImageOptions, StoryOptions, TextOptions, ThinkOptions
 from llada_agent.schemas import ImagePart, TextPart
-from llada_agent.spans import assistant_parts_match, read_headed_text, read_text
+from llada_agent.spans import assistant_parts_match, read_text
 from llada_agent.testing import scripted_text, write_tiny_model
 
 
@@ -48,30 +49,6 @@ def test_text_replies_end_before_the_first_image_span_id(model, ids):
     assert read_text(model.codec, ids.text("all good")).warning is None
 
 
-@pytest.mark.parametrize("written, reason", [
-    (lambda i: [i.start, i.grid(2), i.boi], "malformed image header"),                      # width missing
-    (lambda i: [i.start, i.grid(2), i.text("x")[0], i.boi], "malformed image header"),    # bad width token
-    (lambda i: [i.start, i.grid(2), i.grid(2), i.grid(2), i.boi], "malformed image header"),  # too long
-    (lambda i: [i.start, i.grid(2), i.grid(2), i.eos], "no complete header"),             # stopped early
-    (lambda i: [i.end, i.eos], "outside an image"),
-    (lambda i: [i.code(1), i.eos], "outside an image"),
-])
-def test_a_broken_header_keeps_the_text_before_it(model, ids, written, reason):
-    *before_stop, stop = written(ids)
-    output = read_headed_text(model.codec, ids.text("plan") + before_stop, stop)
-    assert output.text == ids.text("plan") and output.grid is None and reason in output.warning
-
-
-def test_a_well_formed_header_gives_the_grid_the_model_chose(model, ids):
-    output = read_headed_text(model.codec, ids.text("plan") + ids.header(3, 5)[:-1], ids.boi)
-    assert (output.text, output.grid, output.warning) == (ids.text("plan"), (3, 5), None)
-
-
-def test_a_stray_boi_without_a_header_is_reported(model, ids):
-    output = read_headed_text(model.codec, ids.text("plan"), ids.boi)
-    assert output.grid is None and "without an image header" in output.warning
-
-
 def test_parts_that_disagree_with_their_ids_are_found(model, ids):
     content = ids.text("hi") + model.codec.image_span(1, 2, [4, 5])
     good = [TextPart(text="hi"), ImagePart(grid=(1, 2), codes=[4, 5])]
@@ -98,13 +75,43 @@ def test_a_thinking_draw_trusts_the_header_the_model_wrote(model, ids):
     assert reply.image.grid == (1, 3) and reply.thinking == "a plan" and not reply.warnings
 
 
-def test_a_thinking_draw_with_a_broken_header_draws_at_the_requested_grid(model, ids):
+def grid_ids(model):
+    return frozenset(model.codec.grid_token_id(size) for size in range(1, model.codec.max_grid + 1))
+
+
+@pytest.mark.parametrize("header", [
+    lambda i: [i.start, i.grid(3), i.boi],                      # width missing
+    lambda i: [i.start, i.grid(3), i.text("x")[0], i.boi],      # text inside the header
+    lambda i: [i.grid(3), i.boi],                               # no <|image|>
+    lambda i: [i.boi],                                          # <boi> alone
+    lambda i: [i.end, i.eos],                                   # a stray end of image
+])
+def test_a_broken_header_becomes_a_well_formed_one_of_the_models_choosing(model, ids, header):
     session = model.session(mode="think")
-    options = ThinkOptions(image=ImageOptions(grid=(2, 2), steps=2, decode=False))
-    with scripted_text(model, [ids.text("a plan") + [ids.start, ids.grid(3), ids.boi]]):
+    options = ThinkOptions(image=ImageOptions(grid=(2, 2), steps=1, decode=False))
+    with scripted_text(model, [ids.text("a plan") + header(ids)]) as script:
         reply = run(session.draw("a picture", thinking=True, options=options))
-    assert reply.image.grid == (2, 2) and reply.thinking == "a plan"
-    assert any("malformed image header" in w for w in reply.warnings)
+    # The text ends where the header began; the grid sizes were sampled among the grid tokens alone.
+    assert reply.thinking == "a plan" and reply.finish_reason == "complete"
+    assert [r.options.only_ids for r in script.header_requests] == [grid_ids(model)]
+    picture = [seg for seg in model.codec.parse(session.ids) if hasattr(seg, "codes")][-1]
+    assert (picture.height, picture.width) == reply.image.grid
+    assert not any("malformed" in w for w in reply.warnings)
+
+
+def test_the_grid_sizes_of_a_header_are_the_models_own_choice_among_grid_tokens(model, ids):
+    session = model.session(mode="story")
+    options = StoryOptions(max_frames=1, image=llada_agent.EditOptions(steps=1, decode=False))
+    with scripted_text(model, [ids.text("Once") + [ids.boi]]) as script:
+        reply = run(session.story("tell", options=options))
+    [header] = script.header_requests
+    assert header.options.only_ids == grid_ids(model) and header.options.max_new_tokens == 2
+    assert header.prompt[-1] == ids.start and header.prompt[-1 - len(ids.text("Once")):-1] == ids.text("Once")
+    # This random model picks some grid; a large one ends the story before the picture, with a warning.
+    if reply.finish_reason == "max_frames":
+        assert [p.type for p in reply.parts] == ["text", "image"]
+    else:
+        assert reply.finish_reason == "length" and "does not fit" in reply.warnings[0]
     model.codec.parse(session.ids)
 
 
@@ -116,14 +123,16 @@ def test_a_header_too_large_for_the_context_falls_back_to_the_requested_grid(mod
     assert reply.image.grid == (2, 2) and any("does not fit" in w for w in reply.warnings)
 
 
-def test_a_story_with_a_broken_header_ends_malformed_with_its_pictures_so_far(model, ids):
+def test_a_story_whose_header_breaks_goes_on_with_a_well_formed_one(model, ids):
     session = model.session(mode="story")
-    script = [ids.text("Once") + ids.header(1, 2), ids.text(" then") + [ids.start, ids.end, ids.boi]]
-    options = StoryOptions(image=llada_agent.EditOptions(steps=2, decode=False))
+    # The second header holds text between its sizes: the sizes are what the model keeps, 2 x 1.
+    broken = [ids.start, ids.grid(2), ids.text("x")[0], ids.grid(1), ids.boi]
+    script = [ids.text("Once") + ids.header(1, 2), ids.text(" then") + broken, ids.text(" end") + [ids.eos]]
+    options = StoryOptions(image=llada_agent.EditOptions(steps=1, decode=False))
     with scripted_text(model, script):
         reply = run(session.story("tell", options=options))
-    assert reply.finish_reason == "malformed"
-    assert [p.type for p in reply.parts] == ["text", "image", "text"]
+    assert [p.type for p in reply.parts] == ["text", "image", "text", "image", "text"]
+    assert (reply.parts[1].grid, reply.parts[3].grid, reply.finish_reason) == ((1, 2), (2, 1), "stop")
     model.codec.parse(session.ids)
 
 
