@@ -1,0 +1,59 @@
+"""How far the tiny model's stories get, through the SDK: frames drawn of those asked, turns that broke the
+format, and stories consistent frame to frame (`tiny_eval.py`'s `story_consistency`).
+
+The stories are `tiny_eval.py`'s (same seed, same prompts); prints one JSON line.
+
+    python bench/tiny_story.py --samples 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llada_agent
+from llada_agent.evaluation import _scene_of, _target_scenes, _user_parts
+from llada_agent.schemas import ImagePart, TextPart
+from runtime.tiny import tasks
+
+
+async def run(args: argparse.Namespace) -> dict:
+    asked = drawn = malformed = consistent = 0
+    rng = random.Random(f"{args.seed}-story_consistency")
+    async with llada_agent.load(args.model) as model:
+        for _ in range(args.samples):
+            example = tasks.sample_example("story", rng, holdout="exclude")
+            _, prompt = _user_parts(example, 0)
+            frames = len(_target_scenes(example))
+            reply = await model.session(mode="story", system=example.system).story(prompt, max_frames=frames)
+            pairs, text = [], ""
+            for part in reply.parts:
+                if isinstance(part, TextPart):
+                    text += part.text
+                elif isinstance(part, ImagePart):
+                    pairs.append((text.strip(), _scene_of(part)))
+                    text = ""
+            asked, drawn = asked + frames, drawn + len(pairs)
+            malformed += reply.finish_reason == "malformed"
+            read = all(scene is not None for _, scene in pairs)
+            consistent += len(pairs) == frames and read and tasks.check_story(pairs)
+    return {"stories": args.samples, "frames_asked": asked, "frames_drawn": drawn, "malformed": malformed,
+            "consistent": consistent}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=2026)
+    print(json.dumps(asyncio.run(run(parser.parse_args()))))
+
+
+if __name__ == "__main__":
+    main()
