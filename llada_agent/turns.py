@@ -11,10 +11,10 @@ Every prompt extends the session's history ids exactly. A turn's parts:
 - story: text until the model opens a picture or ends, a picture for each, up to `max_frames` pictures.
 
 Where the model opens a picture inside text (think, story), the header follows the span grammar by
-construction: the text stops at the first header id the model writes, the two grid sizes are then sampled
-after `<|image|>` among the grid tokens alone, and `<boi>` closes the header (`TurnRunner._text_and_header`). What a chat
-reply writes is checked instead; a break ends the reply before it (finish_reason "malformed", `warnings`
-say where) rather than putting broken ids into the history.
+construction (`TurnRunner._text_and_header`): the text stops at the first header id the model writes, the
+two grid sizes are then sampled after `<|image|>` among the grid tokens alone, and `<boi>` closes the
+header. What a chat reply writes is checked instead; a break ends the reply before it (finish_reason
+"malformed", `warnings` say where) rather than putting broken ids into the history.
 """
 
 from __future__ import annotations
