@@ -18,31 +18,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llada_agent
-from llada_agent.evaluation import _scene_of, _target_scenes, _user_parts
-from llada_agent.schemas import ImagePart, TextPart
+from llada_agent.evaluation import EvalConfig, Evaluator, story_frames, story_is_consistent
 from runtime.tiny import tasks
 
 
 async def run(args: argparse.Namespace) -> dict:
     asked = drawn = malformed = consistent = 0
-    rng = random.Random(f"{args.seed}-story_consistency")
+    rng = random.Random(f"{args.seed}-story_consistency")  # the stories `tiny_eval.py` tells
     async with llada_agent.load(args.model) as model:
+        evaluator = Evaluator(model, EvalConfig())
         for _ in range(args.samples):
             example = tasks.sample_example("story", rng, holdout="exclude")
-            _, prompt = _user_parts(example, 0)
-            frames = len(_target_scenes(example))
-            reply = await model.session(mode="story", system=example.system).story(prompt, max_frames=frames)
-            pairs, text = [], ""
-            for part in reply.parts:
-                if isinstance(part, TextPart):
-                    text += part.text
-                elif isinstance(part, ImagePart):
-                    pairs.append((text.strip(), _scene_of(part)))
-                    text = ""
-            asked, drawn = asked + frames, drawn + len(pairs)
+            reply = await evaluator.story(example)
+            asked += sum(isinstance(p, tasks.ScenePart) for p in example.target.parts)
+            drawn += len(story_frames(reply))
             malformed += reply.finish_reason == "malformed"
-            read = all(scene is not None for _, scene in pairs)
-            consistent += len(pairs) == frames and read and tasks.check_story(pairs)
+            consistent += story_is_consistent(example, reply)
     return {"stories": args.samples, "frames_asked": asked, "frames_drawn": drawn, "malformed": malformed,
             "consistent": consistent}
 

@@ -111,21 +111,13 @@ class Evaluator:
         return reply is not None and _scene_of(reply.image) == _target_scenes(example)[0]
 
     async def story_consistency(self, example: tasks.Example) -> bool:
+        return story_is_consistent(example, await self.story(example))
+
+    async def story(self, example: tasks.Example) -> Reply:
+        """A story example's prompt told by the model, as many frames asked as the example has."""
         _, prompt = _user_parts(example, 0)
-        frames = len(_target_scenes(example))
         session = self.model.session(mode="story", system=example.system)
-        reply = await session.story(prompt, max_frames=frames)
-        pairs, text = [], ""
-        for part in reply.parts:
-            if isinstance(part, TextPart):
-                text += part.text
-            elif isinstance(part, ImagePart):
-                scene = _scene_of(part)
-                if scene is None:
-                    return False
-                pairs.append((text.strip(), scene))
-                text = ""
-        return len(pairs) == frames and tasks.check_story(pairs)
+        return await session.story(prompt, max_frames=len(_target_scenes(example)))
 
     async def critique(self, example: tasks.Example, *, critic: bool) -> bool:
         """A thinking riddle drawn by the think-then-draw agent, with or without self-critique."""
@@ -153,6 +145,27 @@ class Evaluator:
             return Redraw(options=retry)
 
         return critic
+
+
+def story_frames(reply: Reply) -> list[tuple[str, Scene | None]]:
+    """A story reply's frames: the text before each picture, and the scene the picture shows (None when
+    the world's checker cannot read it)."""
+    frames, text = [], ""
+    for part in reply.parts:
+        if isinstance(part, TextPart):
+            text += part.text
+        elif isinstance(part, ImagePart):
+            frames.append((text.strip(), _scene_of(part)))
+            text = ""
+    return frames
+
+
+def story_is_consistent(example: tasks.Example, reply: Reply) -> bool:
+    """Whether the reply tells the example's number of frames, each picture readable and consistent with
+    its text and the frame before (`tasks.check_story`)."""
+    frames = story_frames(reply)
+    return (len(frames) == len(_target_scenes(example)) and all(scene is not None for _, scene in frames)
+            and tasks.check_story(frames))
 
 
 ALL_METRICS = ("qa", "caption", "t2i", "riddle_thinking", "riddle_direct", "edit", "multiturn",
