@@ -256,9 +256,9 @@ class TurnRunner:
         result = await self._text(prompt, options, thinking=thinking, stop_ids=markup | {special.eos})
         if result.stop_id not in markup:
             return result, None
-        grid_ids = frozenset(self.codec.grid_token_id(size) for size in range(1, self.codec.max_grid + 1))
         sizes = rt.TextOptions(max_new_tokens=2, steps=2, threshold=None, temperature=options.temperature,
-                               top_k=options.top_k, top_p=options.top_p, only_ids=grid_ids, seed=options.seed)
+                               top_k=options.top_k, top_p=options.top_p, only_ids=self.codec.grid_ids,
+                               seed=options.seed)
         header = await self._request(TextRequest(prompt + result.ids + [special.image_start], sizes), _ignore)
         grid = tuple(self.codec.grid_size(token) for token in header.ids)
         if len(grid) != 2 or None in grid:  # only a scripted test can write other ids here

@@ -367,10 +367,15 @@ class TokenCodec:
         return self._grid_ids[size - 1]
 
     @cached_property
+    def grid_ids(self) -> frozenset[int]:
+        """The ids of the grid tokens (sizes 1..max_grid): what a header may hold between `<|image|>` and `<boi>`."""
+        return frozenset(self._grid_ids)
+
+    @cached_property
     def image_markup_ids(self) -> frozenset[int]:
         """The ids that only an image span holds besides its codes: its markers and the grid tokens."""
         special = self.special
-        return frozenset({special.image_start, special.boi, special.image_end, *self._grid_ids})
+        return frozenset({special.image_start, special.boi, special.image_end}) | self.grid_ids
 
     def grid_size(self, token_id: int) -> int | None:
         """Return the grid size a token writes, or None when the id is not a grid token."""

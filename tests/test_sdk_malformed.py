@@ -75,10 +75,6 @@ def test_a_thinking_draw_trusts_the_header_the_model_wrote(model, ids):
     assert reply.image.grid == (1, 3) and reply.thinking == "a plan" and not reply.warnings
 
 
-def grid_ids(model):
-    return frozenset(model.codec.grid_token_id(size) for size in range(1, model.codec.max_grid + 1))
-
-
 @pytest.mark.parametrize("header", [
     lambda i: [i.start, i.grid(3), i.boi],                      # width missing
     lambda i: [i.start, i.grid(3), i.text("x")[0], i.boi],      # text inside the header
@@ -93,7 +89,7 @@ def test_a_broken_header_becomes_a_well_formed_one_of_the_models_choosing(model,
         reply = run(session.draw("a picture", thinking=True, options=options))
     # The text ends where the header began; the grid sizes were sampled among the grid tokens alone.
     assert reply.thinking == "a plan" and reply.finish_reason == "complete"
-    assert [r.options.only_ids for r in script.header_requests] == [grid_ids(model)]
+    assert [r.options.only_ids for r in script.header_requests] == [model.codec.grid_ids]
     picture = [seg for seg in model.codec.parse(session.ids) if hasattr(seg, "codes")][-1]
     assert (picture.height, picture.width) == reply.image.grid
     assert not any("malformed" in w for w in reply.warnings)
@@ -105,7 +101,7 @@ def test_the_grid_sizes_of_a_header_are_the_models_own_choice_among_grid_tokens(
     with scripted_text(model, [ids.text("Once") + [ids.boi]]) as script:
         reply = run(session.story("tell", options=options))
     [header] = script.header_requests
-    assert header.options.only_ids == grid_ids(model) and header.options.max_new_tokens == 2
+    assert header.options.only_ids == model.codec.grid_ids and header.options.max_new_tokens == 2
     assert header.prompt[-1] == ids.start and header.prompt[-1 - len(ids.text("Once")):-1] == ids.text("Once")
     # This random model picks some grid; a large one ends the story before the picture, with a warning.
     if reply.finish_reason == "max_frames":

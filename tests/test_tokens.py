@@ -118,6 +118,8 @@ def test_grid_token_of_size_n_is_reserved_token_n(codec):
         assert codec.grid_size(ids(grid_token(size))) == size
     assert codec.grid_size(ids(grid_token(0))) is None
     assert codec.grid_size(codec.special.boi) is None
+    assert codec.grid_ids == {ids(grid_token(size)) for size in range(1, 65)}
+    assert codec.grid_ids < codec.image_markup_ids
 
 
 @pytest.mark.parametrize("size", [0, 65, -1, 2.0, True])
