@@ -953,13 +953,14 @@ PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True,
 # yes/no questions ("qa/yes_no") moved the same way (40 examples a step: questions 0.80 -> 0.87, thinking
 # riddles 0.80 -> 0.935 through the SDK). Second turns that move or remove ("multiturn/move", "/remove") lift
 # second turns but alone cost held-out drawing; with more text to image and thinking riddles beside them,
-# drawing holds (48 a step: second turns 0.805 -> 0.915, edits 0.84 -> 0.885, held-out drawn 0.90 -> 0.955;
+# drawing holds, and counting and yes/no questions on top lift questions (54 a step, 200 each: questions
+# 0.87 -> 0.90, second turns 0.805 -> 0.92, edits 0.84 -> 0.86, held-out drawn 0.90 -> 0.975;
 # runtime/tiny/README.md, sixth round).
 FINETUNE = Recipe("finetune", lr=1e-3, warmup=100,
-                  mixture={**MIXTURE, "qa": 12.5, "qa/yes_no": 4.0, "qa_followup": 3.0, "riddle_thinking": 10.0,
+                  mixture={**MIXTURE, "qa": 12.5, "qa/yes_no": 6.0, "qa_followup": 3.0, "riddle_thinking": 10.0,
                            "multiturn": 4.0, "edit": 2.0, "t2i": 4.0, "multiturn/remove": 2.0,
-                           "multiturn/move": 2.0},
-                  tables=False, from_checkpoint=True, balance=1e-4, focus=True, examples_per_step=48)
+                           "multiturn/move": 2.0, "qa/count": 4.0},
+                  tables=False, from_checkpoint=True, balance=1e-4, focus=True, examples_per_step=54)
 # Head 0 of these layers is guided to look where the answer is (`guidance`), with this weight in the loss.
 GUIDED_LAYERS = (1, 3)
 GUIDE_WEIGHT = 1.0
