@@ -1,4 +1,5 @@
-"""Reading what the model wrote: text replies, and assistant turns checked against their messages. Pure functions over ids, so every malformed case can be built by hand and tested.
+"""Reading what the model wrote: text replies, and assistant turns checked against their messages. Pure
+functions over ids, so every malformed case can be built by hand and tested.
 
 The span grammar itself (`TokenCodec.parse`) is strict; these readers decide how a reply ends when the
 model breaks it: before the first id that does not belong, with a warning saying what it was.
