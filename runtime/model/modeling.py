@@ -99,8 +99,9 @@ class LLaDA2MoeAttention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         """Attention output [B, T, hidden] and this call's own (k, v) [B, kv_heads, T, head_dim], k rotated.
 
-        `mask` is boolean [B, 1, groups*T, P+T] in the grouped-query layout built by the model; `empty_rows`
-        [B, T, 1] marks queries that see no key, whose output is forced to zero.
+        `mask` is additive (0 where a query sees a key, -inf elsewhere) [B, 1, groups*T, P+T] in the grouped-query
+        layout built by the model; `empty_rows` [B, T, 1] marks queries that see no key, whose output is forced
+        to zero.
         """
         batch, length, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
@@ -305,18 +306,22 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         config = self.config
         h = self.word_embeddings(input_ids)
         cos, sin = rotary_cos_sin(position_ids, config.rotary_dim, config.rope_theta, h.dtype)
-        mask, empty_rows = self._grouped_mask(attention_mask)
+        mask, empty_rows = self._grouped_mask(attention_mask, h.dtype)
         kv = []
         for i, layer in enumerate(self.layers):
             h, layer_kv = layer(h, cos, sin, None if prefix_kv is None else prefix_kv[i], mask, empty_rows)
             kv.append(layer_kv)
         return self.norm(h), kv
 
-    def _grouped_mask(self, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The mask in the folded GQA layout [B, 1, groups*T, S], and the [B, T, 1] rows that see no key.
+    def _grouped_mask(
+        self, mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The boolean mask [B, T, S] as an additive one in the folded GQA layout [B, 1, groups*T, S], and the
+        [B, T, 1] rows that see no key.
 
         A row without any visible key is let see every key (so softmax stays finite) and zeroed afterwards,
-        which is what SDPA's boolean-mask semantics give without risking NaN on any backend.
+        which is what SDPA's boolean-mask semantics give without risking NaN on any backend. The additive form
+        is what SDPA turns a boolean mask into; built here once, not once per layer (and again for backward).
         """
         if mask is None:
             return None, None
@@ -324,7 +329,8 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         empty_rows = ~mask.any(-1, keepdim=True)
         mask = mask | empty_rows
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        grouped = mask[:, None].expand(batch, groups, length, keys).reshape(batch, 1, groups * length, keys)
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        grouped = additive[:, None].expand(batch, groups, length, keys).reshape(batch, 1, groups * length, keys)
         return grouped, empty_rows
 
 
