@@ -34,6 +34,7 @@ Everything is seeded; the same torch version and thread count reproduce the same
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import math
@@ -983,32 +984,47 @@ RECOMMENDED = {"decoder_mode": "turbo",
 class Permute(torch.autograd.Function):
     """`rows[index]` for a permutation `index`, whose gradient is a gather by the `inverse` permutation:
     autograd's own backward of an index is a zero-filled scatter-add, several times slower on a CPU. The
-    numbers are the same (each row of the scatter-add receives exactly one term)."""
+    numbers are the same (each row of the scatter-add receives exactly one term); `index_select` is a row
+    gather faster than advanced indexing."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return rows[index]
+        return rows.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return grad.index_select(0, inverse), None, None
+
+
+class Route(torch.autograd.Function):
+    """Each token's row once per chosen expert, sorted by expert: `tokens[order // k]`. The gradient gathers
+    every slot back (`inverse`) and sums a token's k slots, the same numbers as autograd's scatter-add."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return tokens.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
 def moe_forward(self: LLaDA2MoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
     """The MoE block's own math, arranged for autograd: expert outputs are concatenated, not written into
-    slices of a buffer (whose backward copies the whole buffer once per expert), and the sort by expert and
-    back are permutations with gather gradients (`Permute`)."""
+    slices of a buffer (whose backward copies the whole buffer once per expert), and the routing to the
+    experts and back are gathers with gather gradients (`Route`, `Permute`)."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     experts, weights = self.gate(tokens)
     order = experts.flatten().argsort(stable=True)
     inverse = torch.argsort(order)
     counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
-    # One row per (token, slot), then sorted by expert; the expand's gradient sums a token's k slots.
-    slots = tokens[:, None].expand(-1, experts.shape[1], -1).reshape(-1, shape[-1])
-    routed_in = Permute.apply(slots, order, inverse)
+    routed_in = Route.apply(tokens, order, inverse, experts.shape[1])
     pieces = [expert(chunk) for expert, chunk, n in zip(self.experts, routed_in.split(counts), counts) if n]
     per_slot = Permute.apply(torch.cat(pieces), inverse, order)
     mixed = (per_slot.view(*experts.shape, -1).float() * weights[..., None]).sum(1)
@@ -1086,9 +1102,10 @@ class Backbone:
         qkv = attention.query_key_value(x).view(batch, length, -1, attention.head_dim)
         q = apply_partial_rotary(attention.query_layernorm(qkv[:, None, :, 0]), cos, sin)[:, 0]
         k = apply_partial_rotary(attention.key_layernorm(qkv[:, None, :, attention.num_heads]), cos, sin)[:, 0]
-        scores = torch.einsum("bqd,bkd->bqk", q, k).float() * attention.head_dim**-0.5
-        log_weights = scores.masked_fill(~mask, float("-inf")).log_softmax(-1)
-        return -log_weights.masked_fill(~guide, float("-inf")).logsumexp(-1)[rows].mean()
+        # Every query's scores, then only the guided queries' rows on (a fraction of them, and row-wise math).
+        scores = torch.einsum("bqd,bkd->bqk", q, k)[rows].float() * attention.head_dim**-0.5
+        log_weights = scores.masked_fill(~mask[rows], float("-inf")).log_softmax(-1)
+        return -log_weights.masked_fill(~guide[rows], float("-inf")).logsumexp(-1).mean()
 
     def balance(self, rate: float) -> None:
         """Auxiliary-loss-free load balancing: nudge each router's selection bias towards even expert loads."""
@@ -1451,6 +1468,22 @@ def mean(values: Iterator[bool] | Sequence[bool]) -> float:
 VISION_STAGES = ("vae", "image-tokenizer", "decoder")
 
 
+def keep_freed_memory() -> None:
+    """Let glibc's allocator keep freed memory for reuse instead of handing it back to the system.
+
+    A training step allocates and frees the same few-MB tensors hundreds of times; by default each one above
+    glibc's mmap threshold is a fresh mapping whose pages fault in on first touch, a large share of a step
+    on two cores. Kept in the heap they are reused warm. The arithmetic is untouched. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed on 64-bit
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 256 << 20)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runtime.tiny.train", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["all", "text", "vision", *VISION_STAGES, "backbone", "finetune", "check",
@@ -1469,6 +1502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--probe-every", type=int, default=0, help="also probe the backbone every N steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     # Tiny gradients turn denormal late in training, and denormal arithmetic is many times slower on CPUs.
     torch.set_flush_denormal(True)
     out, seed, scale = args.out, args.seed, args.scale
