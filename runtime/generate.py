@@ -408,9 +408,23 @@ class GenerationTask:
         if self.kind == "image":
             committed = int((self.generated != self.vocab.mask_id).sum())
             events.append(StepDone(committed, self.end - self.prompt_len))
-        if bool((block == self.vocab.mask_id).any()):
+        if bool((block == self.vocab.mask_id).any()) and not self._settled(block):
             return
         self._finish_block(events)
+
+    def _settled(self, block: Tensor) -> bool:
+        """Whether a text block's reply is already fixed: a stop id committed with nothing masked before it.
+        What follows a stop is never part of the reply, so the block ends there: the same ids as denoising it
+        to the end, in fewer steps (a short answer's padding is often all that is left)."""
+        if self.kind == "image":
+            return False
+        masked = (block == self.vocab.mask_id).tolist()
+        for position, token in enumerate(block.tolist()):
+            if masked[position]:
+                return False
+            if token in self.stop_ids:
+                return True
+        return False
 
     def _guide(self, logits: list[Tensor]) -> Tensor:
         if len(logits) == 1:

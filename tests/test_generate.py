@@ -84,6 +84,19 @@ def test_text_stops_at_the_first_stop_id_and_reports_it(model):
     assert stopped.finish_reason == "stop" and stopped.stop_id == stop_token
 
 
+def test_a_block_ends_once_its_reply_is_settled_with_the_ids_of_denoising_it_to_the_end(model, monkeypatch):
+    options = TextOptions(max_new_tokens=64, steps=32, threshold=None, stop_ids=frozenset())
+    free = generate_text(model, prompt(20), VOCAB, options)
+    stop_token = free.ids[2]  # settled once the positions up to it are committed
+    stopping = TextOptions(max_new_tokens=64, steps=32, threshold=None, stop_ids=frozenset({stop_token}))
+    early = generate_text(model, prompt(20), VOCAB, stopping)
+    monkeypatch.setattr(GenerationTask, "_settled", lambda self, block: False)
+    to_the_end = generate_text(model, prompt(20), VOCAB, stopping)
+    assert early.ids == to_the_end.ids == free.ids[: free.ids.index(stop_token)]
+    assert early.finish_reason == to_the_end.finish_reason == "stop"
+    assert early.stats.steps < to_the_end.stats.steps
+
+
 def test_text_generation_never_emits_image_codes_unless_allowed(model):
     result = generate_text(model, prompt(20), VOCAB, TextOptions(max_new_tokens=64, stop_ids=frozenset()))
     assert all(t < VOCAB.image_offset for t in result.ids)
