@@ -268,3 +268,18 @@ def test_the_error_breakdown_bench_counts_every_example_once():
         counts = [tuple(map(int, value.split("/"))) for value in report[family].values()]
         assert sum(total for _, total in counts) == 3
         assert all(0 <= right <= total for right, total in counts)
+
+
+def test_the_training_step_bench_times_both_stages_in_their_own_loops():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "tiny_train_step.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "2"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"backbone", "finetune", "threads"}
+    assert 0 < report["backbone"] < 60 and 0 < report["finetune"] < 60
+    # The stages logged their own steps: the bench ran the training loops, not a copy of them.
+    assert "backbone step 2/2" in result.stdout and "finetune step 2/2" in result.stdout
