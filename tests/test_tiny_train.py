@@ -84,25 +84,6 @@ def test_a_noisy_copy_sees_earlier_clean_blocks_and_itself_never_its_answer_or_o
             assert seq.ids[layout.positions[index]] == target
 
 
-def test_a_padded_answer_block_can_keep_its_padding_in_view_as_generation_does(codec):
-    world = train.WorldLabels(codec)
-    eos = codec.special.eos
-    answer = codec.encode_text(" top-left")
-    seq = sequence(codec.encode_text("a " * 20)[:20], answer + [eos] * (32 - 20 - len(answer)))
-
-    def masked_padding(shown):
-        rng = random.Random(0)
-        layouts = [train.noisy_layout(seq, rng, codec.special.mask, world, padding_shown=shown) for _ in range(200)]
-        return [sum(t == eos for t in layout.target) for layout in layouts], layouts
-
-    never, layouts = masked_padding(1.0)
-    assert not any(never)
-    # Only the answer's words are masked then, at every ratio; at least one of them each time.
-    assert all(1 <= sum(t >= 0 for t in layout.target) <= len(answer) for layout in layouts)
-    sometimes, _ = masked_padding(0.0)
-    assert sum(count > 0 for count in sometimes) > 150
-
-
 def test_guidance_points_codes_at_their_cell_and_answer_words_at_the_codes_holding_them(codec):
     world = train.WorldLabels(codec)
     source = [code(codec, cell, "circle", "red") if cell == "top-left" else code(codec, cell)

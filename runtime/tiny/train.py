@@ -781,21 +781,18 @@ class Layout:
 
 
 def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: WorldLabels,
-                 copies: int = 1, padding_shown: float = 0.0) -> Layout:
+                 copies: int = 1) -> Layout:
     """The "clean copy + noisy copies" layout of block diffusion training.
 
     A noisy copy of block k (block k with some response tokens masked) sees itself and clean blocks < k; a
     clean block sees clean blocks up to its own; every copy keeps the absolute positions. Each response
     block gets `copies` noisy copies with their own masks (the clean blocks, computed once, feed them all).
     Each copy draws its own mask ratio in (0, 1] (or 1); blocks holding image codes mask only their codes
-    half the time, and blocks ending in end-of-text padding mask only the words before it `padding_shown` of
-    the time: generation commits that padding first (its most confident positions) and reads the answer
-    with all of it in view, a context the uniform ratio almost never gives.
+    half the time.
     """
     length = len(seq.ids)
     blocks = -(-length // BLOCK)
     first = min(p for p, r in enumerate(seq.response) if r) // BLOCK
-    padding = world.codec.special.eos
     clean_end = (blocks - 1) * BLOCK
     ids = seq.ids[:clean_end]
     positions = list(range(clean_end))
@@ -809,8 +806,6 @@ def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: Wo
             candidates = [p for p in span if seq.response[p]]
             if any(seq.code[p] for p in span) and rng.random() < CODES_ONLY_MASK:
                 candidates = [p for p in span if seq.code[p]]
-            elif padding_shown and padding in (seq.ids[p] for p in candidates) and rng.random() < padding_shown:
-                candidates = [p for p in candidates if seq.ids[p] != padding] or candidates
             # A share of fully masked copies: the first denoising step, deciding short answers, sees those.
             ratio = 1.0 if rng.random() < FULL_MASK else 1.0 - rng.random()
             masked = {p for p in candidates if rng.random() < ratio}
@@ -947,8 +942,6 @@ class Recipe:
     # the committed backbone was pretrained without it.
     focus: bool = False
     examples_per_step: int = EXAMPLES_PER_STEP
-    # How often a block ending in end-of-text padding masks only the words before it (`noisy_layout`).
-    padding_shown: float = 0.0
 
 
 PRETRAIN = Recipe("backbone", lr=2e-3, warmup=200, mixture=MIXTURE, tables=True, from_checkpoint=False,
@@ -1204,8 +1197,8 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
         if not recipe.focus:
             examples = [replace(example, focus=()) for example in examples]
         codes.prepare([scene for example in examples for scene in example.scenes()])
-        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world, NOISY_COPIES,
-                                recipe.padding_shown) for example in examples]
+        layouts = [noisy_layout(builder.build(example, rng), rng, special["mask"], world, NOISY_COPIES)
+                   for example in examples]
         seen += len(layouts)
         loss = backbone.loss({k: v.to(device) for k, v in pack(layouts, ROW_LENGTH).items()})
         optimizer.zero_grad(set_to_none=True)
