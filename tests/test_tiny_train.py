@@ -47,8 +47,8 @@ def test_world_labels_read_cells_shapes_and_colours_from_words_and_codes(codec):
     labels = world(words + codes)
     cells = [train.CELLS[c] if c >= 0 else None for c in labels["cell"]]
     named = [(codec.decode([t]), cell) for t, cell in zip(words, cells) if cell]
-    # "top-left" is three tokens, all naming one cell; its "left" is not the cell "left".
-    assert named == [(" top", "top-left"), ("-", "top-left"), ("left", "top-left"), (" left", "left")]
+    # "top-left" is one token, the cell's name; it does not also name the cell "left".
+    assert named == [(" top-left", "top-left"), (" left", "left")]
     shapes = {codec.decode([t]).strip(): s for t, s in zip(words, labels["shape"]) if s >= 0}
     colors = {codec.decode([t]).strip(): c for t, c in zip(words, labels["color"]) if c >= 0}
     assert shapes == {"circle": train.SHAPES.index("circle"), "square": train.SHAPES.index("square")}
@@ -57,6 +57,13 @@ def test_world_labels_read_cells_shapes_and_colours_from_words_and_codes(codec):
     tail = {field: values[-2:] for field, values in labels.items()}
     assert tail == {"cell": [0, 3], "shape": [train.SHAPES.index("circle"), -1],
                     "color": [train.COLORS.index("red"), -1], "is_code": [1, 1]}
+
+
+def test_every_cell_shape_and_colour_name_is_one_token_with_or_without_a_space(codec):
+    # Split names made prefixes of answers ("bottom" of "bottom-left"); half-written names came out.
+    for word in (*train.CELLS, *train.SHAPES, *train.COLORS):
+        for prefix in ("", " "):
+            assert len(codec.encode_text(prefix + word)) == 1, prefix + word
 
 
 def test_a_noisy_copy_sees_earlier_clean_blocks_and_itself_never_its_answer_or_other_copies(codec):

@@ -219,6 +219,29 @@ def test_any_text_round_trips_through_text_ids(codec, text):
     assert codec.decode(ids) == text
 
 
+@pytest.fixture(scope="module")
+def hyphenated(tmp_path_factory) -> TokenCodec:
+    folder = tmp_path_factory.mktemp("hyphenated_tokenizer")
+    info = write_tiny_tokenizer(folder, words=["top-left", " top-left", "bottom-right"] * 20, whole_hyphenated_words=True)
+    return TokenCodec.from_pretrained(folder, _config(info))
+
+
+def test_whole_hyphenated_words_keeps_frequent_hyphenated_words_one_token(codec, hyphenated):
+    assert len(hyphenated.encode_text(" top-left")) == 1 and len(hyphenated.encode_text("bottom-right")) == 1
+    # Rare ones are still split by BPE; the default pre-tokenizer always splits at the hyphen.
+    assert len(hyphenated.encode_text("state-of-the-art")) > 1
+    assert len(codec.encode_text(" top-left")) > 1
+
+
+@PROPERTY
+@given(st.text(max_size=80))
+def test_any_text_round_trips_with_whole_hyphenated_words(hyphenated, text):
+    ids = hyphenated.encode_text(text)
+    assert all(0 <= token_id < hyphenated.image_token_offset and token_id not in hyphenated.special_ids
+               for token_id in ids)
+    assert hyphenated.decode(ids) == text
+
+
 @PROPERTY
 @given(st.text(alphabet=st.characters(blacklist_characters="<"), max_size=80))
 def test_text_without_special_strings_encodes_as_the_tokenizer_does(codec, text):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
@@ -58,6 +58,11 @@ _CORPUS = (
 )
 
 
+# The byte-level pre-tokenizer's word pattern (GPT-2's) with letters joined by hyphens kept as one word.
+_HYPHENATED_WORDS = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+(?:-\p{L}+)*| ?\p{N}+| ?[^\s\p{L}\p{N}]+"
+                     r"|\s+(?!\S)|\s+")
+
+
 @dataclass(frozen=True)
 class TinyTokenizerInfo:
     """Sizes of a tokenizer written by `write_tiny_tokenizer`, for building a matching backbone config."""
@@ -76,12 +81,15 @@ def write_tiny_tokenizer(
     max_grid: int = 64,
     text_vocab_size: int = 512,
     special_role_markers: bool = True,
+    whole_hyphenated_words: bool = False,
 ) -> TinyTokenizerInfo:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `folder`; return sizes.
 
     Ids: BPE tokens, then the special tokens (eos, mask, image markers, `<boi>`, role markers unless
     `special_role_markers` is False, grid tokens `<|reserved_token_n|>` for n in 0..max_grid), then
     `<|unused_k|>` padding up to `text_vocab_size`, then one `<IMAGE{c}>` token per image code.
+    With `whole_hyphenated_words`, words joined by hyphens ("top-left") are not split at the hyphen before
+    BPE, so a frequent one can become a single token.
     """
     if num_image_codes < 1 or max_grid < 1:
         raise ValueError("num_image_codes and max_grid must be positive")
@@ -98,7 +106,13 @@ def write_tiny_tokenizer(
         )
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if whole_hyphenated_words:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_HYPHENATED_WORDS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=bpe_budget, initial_alphabet=alphabet, show_progress=False, min_frequency=1
