@@ -8,6 +8,8 @@
   counts the picture alone; a plan may also end without a well-formed picture header);
 - `multiturn`: second pictures right per edit kind of the second turn and whether the first came out right;
 - `edit`: pictures right per edit kind (recolour, move, add, remove).
+- `holdout_t2i`: descriptions holding a purple triangle (held out of training), pictures right per what
+  was drawn in the purple triangle's cell.
 
 Prints each wrong example with `--show`, then one final JSON line of "right/total" per kind.
 
@@ -29,9 +31,9 @@ import torch
 
 from runtime.checkpoint import TINY_CHECKPOINT
 from runtime.tiny import tasks
-from runtime.tiny.train import Probe
+from runtime.tiny.train import GRID, Probe, codes_scene
 
-FAMILIES = ("qa", "riddle_thinking", "multiturn", "edit")
+FAMILIES = ("qa", "riddle_thinking", "multiturn", "edit", "holdout_t2i")
 
 
 def pictures(example: tasks.Example) -> list:
@@ -64,7 +66,19 @@ def edit(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
     return example.subtype, drawn == pictures(example)[0], str(drawn)
 
 
-CHECKS = {"qa": question, "riddle_thinking": riddle, "multiturn": second_turn, "edit": edit}
+def held_out_drawing(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
+    """A description holding a purple triangle (never in training), and what was drawn in its cell."""
+    want = pictures(example)[0]
+    codes = probe.image(probe.format.text_to_image(example.turns[0].parts[0].text, (GRID, GRID), example.system))
+    drawn = codes_scene(codes)
+    cell = next(s.cell for s in want.shapes if (s.shape, s.color) == ("triangle", "purple"))
+    there = drawn.at(cell) if drawn is not None else None
+    return (f"purple triangle drawn as {f'{there.color} {there.shape}' if there else 'nothing'}", drawn == want,
+            str(drawn))
+
+
+CHECKS = {"qa": question, "riddle_thinking": riddle, "multiturn": second_turn, "edit": edit,
+          "holdout_t2i": held_out_drawing}
 
 
 def main() -> None:
@@ -83,7 +97,10 @@ def main() -> None:
         rng = random.Random(f"{args.seed}-{family}")
         right, total = Counter(), Counter()
         for _ in range(args.samples):
-            example = tasks.sample_example(family, rng, holdout="exclude")
+            if family == "holdout_t2i":
+                example = tasks.sample_example("t2i", rng, holdout="only")
+            else:
+                example = tasks.sample_example(family, rng, holdout="exclude")
             key, ok, got = CHECKS[family](probe, example)
             total[key] += 1
             right[key] += ok

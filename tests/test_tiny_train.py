@@ -271,10 +271,11 @@ def test_the_error_breakdown_bench_counts_every_example_once():
     result = subprocess.run([sys.executable, str(script), "--samples", "3", "--seed", "1"],
                             capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for family in ("qa", "riddle_thinking", "multiturn", "edit"):
+    for family in ("qa", "riddle_thinking", "multiturn", "edit", "holdout_t2i"):
         counts = [tuple(map(int, value.split("/"))) for value in report[family].values()]
         assert sum(total for _, total in counts) == 3
         assert all(0 <= right <= total for right, total in counts)
+    assert all(key.startswith("purple triangle drawn as ") for key in report["holdout_t2i"])
 
 
 def test_the_training_step_bench_times_both_stages_in_their_own_loops():
