@@ -31,7 +31,7 @@ import torch
 
 from runtime.checkpoint import TINY_CHECKPOINT
 from runtime.tiny import tasks
-from runtime.tiny.train import GRID, Probe, codes_scene
+from runtime.tiny.train import Probe
 
 FAMILIES = ("qa", "riddle_thinking", "multiturn", "edit", "holdout_t2i")
 
@@ -69,14 +69,15 @@ def edit(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
 def held_out_drawing(probe: Probe, example: tasks.Example) -> tuple[str, bool, str]:
     """A description holding a purple triangle (never in training), and what was drawn in its cell."""
     want = pictures(example)[0]
-    codes = probe.image(probe.format.text_to_image(example.turns[0].parts[0].text, (GRID, GRID), example.system))
-    drawn = codes_scene(codes)
+    drawn = probe.draw(example)
     cell = next(s.cell for s in want.shapes if (s.shape, s.color) == ("triangle", "purple"))
     there = drawn.at(cell) if drawn is not None else None
     return (f"purple triangle drawn as {f'{there.color} {there.shape}' if there else 'nothing'}", drawn == want,
             str(drawn))
 
 
+# Families that are another family's examples drawn differently: (family, holdout) for `sample_example`.
+SAMPLED_AS = {"holdout_t2i": ("t2i", "only")}
 CHECKS = {"qa": question, "riddle_thinking": riddle, "multiturn": second_turn, "edit": edit,
           "holdout_t2i": held_out_drawing}
 
@@ -97,10 +98,8 @@ def main() -> None:
         rng = random.Random(f"{args.seed}-{family}")
         right, total = Counter(), Counter()
         for _ in range(args.samples):
-            if family == "holdout_t2i":
-                example = tasks.sample_example("t2i", rng, holdout="only")
-            else:
-                example = tasks.sample_example(family, rng, holdout="exclude")
+            sampled, holdout = SAMPLED_AS.get(family, (family, "exclude"))
+            example = tasks.sample_example(sampled, rng, holdout)
             key, ok, got = CHECKS[family](probe, example)
             total[key] += 1
             right[key] += ok

@@ -1315,6 +1315,11 @@ class Probe:
         ids, _ = self.text(self.format.prompt(example.system, history))
         return self.decode_text(ids)
 
+    def draw(self, example: tasks.Example) -> Scene | None:
+        """The scene drawn for a text-to-image (or direct riddle) example's description."""
+        prompt = self.format.text_to_image(example.turns[0].parts[0].text, (GRID, GRID), example.system)
+        return codes_scene(self.image(prompt))
+
     def edit(self, example: tasks.Example) -> Scene | None:
         """The scene an edit example's instruction turns its source picture into."""
         self.codes.prepare(example.scenes())
@@ -1363,8 +1368,7 @@ class Probe:
             return self.answer(example) == target.parts[0].text
         answer = [p.scene for p in target.parts if isinstance(p, tasks.ScenePart)]
         if family in ("t2i", "riddle_direct"):
-            codes = self.image(fmt.text_to_image(turns[0].parts[0].text, (GRID, GRID), example.system))
-            return codes_scene(codes) == answer[0]
+            return self.draw(example) == answer[0]
         if family == "edit":
             return self.edit(example) == answer[0]
         if family == "riddle_thinking":
