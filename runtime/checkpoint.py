@@ -26,6 +26,12 @@ def resolve_source(source: str | Path) -> Path:
                 "train it with the runtime.tiny training script or pass a checkpoint folder"
             )
         return TINY_CHECKPOINT
+    if str(source).startswith(("http://", "https://")):
+        # A URL would otherwise read as a missing local path; say what is and is not possible instead.
+        raise CheckpointError(
+            f"{source!r} is a URL: load() reads a checkpoint folder, 'tiny' or a Hub id, and does not connect "
+            "to a running server; talk to `llada-agent serve` with any OpenAI-compatible client"
+        )
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

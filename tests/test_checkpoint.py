@@ -116,6 +116,12 @@ def test_resolve_source_refuses_a_missing_local_path(tmp_path: Path):
         resolve_source(tmp_path / "absent" / "deeper")
 
 
+@pytest.mark.parametrize("url", ["http://localhost:8000", "https://example.org/v1"])
+def test_a_server_url_is_refused_with_what_to_do_instead(url: str):
+    with pytest.raises(CheckpointError, match="is a URL.*OpenAI-compatible client"):
+        resolve_source(url)
+
+
 def test_tiny_source_says_when_the_bundled_checkpoint_is_not_built(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(checkpoint, "TINY_CHECKPOINT", tmp_path / "checkpoint")
     with pytest.raises(CheckpointError, match="tiny checkpoint is not built"):
