@@ -230,6 +230,28 @@ def test_the_training_moe_block_matches_the_model_block_and_plain_autograd_bit_f
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_decoder_latents_are_encoded_once_per_scene_and_equal_a_direct_encode():
+    from runtime.tiny.world import render
+    from runtime.vision.decoder import load_vae
+
+    vae = load_vae(TINY_CHECKPOINT / "vae", dtype=torch.float32, device="cpu")
+    latents = train.SceneLatents(vae, batch=2)
+    rng = random.Random(0)
+    scenes = list(dict.fromkeys(train.training_scene(rng) for _ in range(5)))
+    assert len(scenes) == 5
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    first = latents([scenes[0], scenes[1], scenes[0]])
+    both = latents(scenes)
+    assert calls == [2, 2, 1]  # two new scenes, then the other three in batches of at most 2
+    assert torch.equal(first[0], first[2]) and torch.equal(both[:2], first[:2])
+    x = torch.stack([train.to_pixels(render(s, train.DECODED_PIXELS)) for s in scenes])
+    with torch.no_grad():
+        direct = (encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    torch.testing.assert_close(both, direct, rtol=1e-4, atol=1e-5)
+
+
 def read_tensors(folder):
     return load_file(str(folder / "model.safetensors"))
 
