@@ -318,3 +318,106 @@ def test_the_training_step_bench_times_both_stages_alone_and_as_a_team_in_their_
         assert f"{stage} step 2/2" in result.stdout and f"{stage} step 1/1" in result.stdout
         assert f"{stage}: " in result.stdout and "steps of" in result.stdout
     assert result.stdout.count("2 workers") == 4
+
+
+def mixture_layouts(count, seed):
+    """`count` training layouts of the fine-tune's mixture, built from the bundled checkpoint's tokenizers."""
+    from runtime.tiny import tasks
+
+    rng = random.Random(seed)
+    codes = train.SceneCodes(TINY_CHECKPOINT / "image_tokenizer")
+    builder = train.SequenceBuilder(TINY_CHECKPOINT, codes)
+    world = train.WorldLabels(builder.codec)
+    examples = [tasks.sample_mixture(rng, train.FINETUNE.mixture, holdout="exclude") for _ in range(count)]
+    codes.prepare([scene for example in examples for scene in example.scenes()])
+    return builder.codec, [train.noisy_layout(builder.build(example, rng), rng, builder.codec.special.mask, world)
+                           for example in examples]
+
+
+def test_a_team_s_shares_of_a_step_add_up_to_the_whole_step_s_loss_and_gradient():
+    """What makes data-parallel training exact: each worker divides its share by the whole step's sums."""
+    codec, layouts = mixture_layouts(8, seed=3)
+    torch.manual_seed(0)
+    backbone = train.Backbone(train.backbone_config(codec.special.as_dict()), codec)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+
+    def gradients(batch, denominators=None):
+        backbone.model.zero_grad(set_to_none=True)
+        loss = backbone.loss(batch, denominators)
+        loss.backward()
+        return loss.item(), dict(backbone.last), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                                  for p in params]
+
+    whole = train.pack(layouts, train.ROW_LENGTH)
+    shares = [train.pack(layouts[rank::2], train.ROW_LENGTH) for rank in range(2)]
+    total = sum(backbone.denominators(share) for share in shares)
+    assert torch.equal(total, backbone.denominators(whole))
+    assert (total > 0).all()  # every term has something to average over
+    loss, terms, grads = gradients(whole)
+    parts = [gradients(share, total) for share in shares]
+    assert sum(part[0] for part in parts) == pytest.approx(loss, rel=1e-5)
+    for name, value in terms.items():
+        assert sum(part[1][name] for part in parts) == pytest.approx(value, rel=1e-4, abs=1e-6)
+    for whole_grad, first, second in zip(grads, parts[0][2], parts[1][2]):
+        torch.testing.assert_close(first + second, whole_grad, rtol=1e-4, atol=1e-6)
+    # Dividing by its own share's sums instead would weigh the shares wrongly.
+    assert parts[0][0] + parts[1][0] != pytest.approx(gradients(shares[0])[0] + gradients(shares[1])[0], rel=1e-3)
+
+
+TEAM_MEMBER = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime.tiny.train import Team
+
+rank, folder = int(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+team = Team(rank, 2, folder)
+params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(1))]
+results = []
+for step in range(3):
+    params[0].grad = torch.full((3, 2), (rank + 1.0) * (step + 1))
+    params[1].grad = torch.arange(5.0) * (rank + 1) - step
+    params[2].grad = torch.ones(1) if rank == 1 else None  # no token reached it on rank 0
+    team.sum_gradients(params)
+    results.append([p.grad.clone() for p in params])
+    params[0].grad.mul_(100)  # clipping scales in place: must not reach the other worker's gradients
+torch.save(results, folder / f"rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_a_team_of_two_processes_sums_gradients_through_shared_memory(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    workers = [subprocess.Popen([sys.executable, "-c", TEAM_MEMBER, str(rank), str(tmp_path)], cwd=root)
+               for rank in range(2)]
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0]
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for step in range(3):
+        expected = [torch.full((3, 2), 3.0 * (step + 1)), torch.arange(5.0) * 3 - 2 * step, torch.ones(1)]
+        for rank in range(2):
+            for got, want in zip(results[rank][step], expected):
+                assert torch.equal(got, want)
+
+
+def test_a_team_of_two_trains_resumes_and_keeps_its_workers_models_identical(tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(TINY_CHECKPOINT, folder)
+    # Each save first checks every worker holds the same model (`Team.check_in_step`).
+    train.train_backbone(folder, tmp_path / "work", seed=0, steps=1, resume=False, recipe=train.FINETUNE, workers=2)
+    state = torch.load(tmp_path / "work" / "finetune_state.pt", weights_only=False)
+    assert (state["step"], state["workers"], len(state["layout_rngs"])) == (1, 2, 2)
+    assert state["layout_rngs"][0] != state["layout_rngs"][1]  # each worker masks its own share
+    train.train_backbone(folder, tmp_path / "work", seed=0, steps=2, resume=True, recipe=train.FINETUNE, workers=2)
+    assert torch.load(tmp_path / "work" / "finetune_state.pt", weights_only=False)["step"] == 2
+    layer = "model.layers.1.attention.query_key_value.weight"
+    assert not torch.equal(read_tensors(folder)[layer], read_tensors(TINY_CHECKPOINT)[layer])
+    with pytest.raises(ValueError, match="saved by 2 workers: resume with --workers 2"):
+        train.train_backbone(folder, tmp_path / "work", seed=0, steps=3, resume=True, recipe=train.FINETUNE)

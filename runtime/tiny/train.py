@@ -28,7 +28,8 @@ shapes weigh more than empty cells' codes, and one head per guided layer is taug
 runtime/tiny/README.md says why.
 
 Held out of every stage's data: each scene with a purple triangle, and the riddles `tasks.py` holds out.
-Everything is seeded; the same torch version and thread count reproduce the same checkpoint.
+Everything is seeded; the same torch version, thread count and number of workers (the backbone stages'
+data-parallel processes, `Team`) reproduce the same checkpoint.
 """
 
 from __future__ import annotations
@@ -1323,6 +1324,7 @@ def join_team(rank: int, size: int, folder: Path, threads: int, args: tuple) -> 
 
 def train_team_member(team: Team, out: Path, work: Path, seed: int, steps: int, resume: bool, device: str,
                       probe_every: int, recipe: Recipe) -> None:
+    """One worker's part of `train_backbone` (all of it, for a team of one)."""
     rng = seed_all(seed)  # the examples: the same on every worker
     # Each worker's masks; a team of one draws them from the same stream, as the committed checkpoint did.
     layout_rng = rng if team.size == 1 else random.Random(f"{seed}/{team.rank}")
