@@ -374,7 +374,7 @@ import torch.distributed as dist
 from runtime.tiny.train import Team
 
 rank, folder = int(sys.argv[1]), Path(sys.argv[2])
-dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+Team.connect(rank, 2, folder)
 team = Team(rank, 2, folder)
 params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(1))]
 results = []

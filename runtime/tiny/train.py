@@ -39,6 +39,7 @@ import ctypes
 import io
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -1225,6 +1226,14 @@ class Team:
         self.rank, self.size, self.folder = rank, size, folder
         self.exchange: torch.Tensor | None = None
 
+    @staticmethod
+    def connect(rank: int, size: int, folder: Path) -> None:
+        """Join the team's process group: gloo, meeting at a file in `folder`, over the loopback on Linux (the
+        team is one machine's processes; the host name of a sandbox may not resolve to a usable address)."""
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=size)
+
     @property
     def leader(self) -> bool:
         """The worker that logs, saves and probes."""
@@ -1315,7 +1324,7 @@ def join_team(rank: int, size: int, folder: Path, threads: int, args: tuple) -> 
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=size)
+    Team.connect(rank, size, folder)
     try:
         train_team_member(Team(rank, size, folder), *args)
     finally:
