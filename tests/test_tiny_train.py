@@ -337,7 +337,8 @@ def test_the_training_step_bench_times_both_stages_alone_and_as_a_team_in_their_
 
     script = Path(__file__).resolve().parent.parent / "bench" / "tiny_train_step.py"
     result = subprocess.run([sys.executable, str(script), "--steps", "1", "--workers", "1", "2"],
-                            capture_output=True, text=True, timeout=600, check=True)
+                            check=False, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"backbone/1", "backbone/2", "finetune/1", "finetune/2", "backbone speed-up 1->2",
                            "finetune speed-up 1->2", "threads"}

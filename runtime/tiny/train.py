@@ -95,7 +95,7 @@ TURBO_STEPS = 300
 # every training (shape, colour) in 36 or more of them.
 DECODER_SCENES = 4000
 BACKBONE_STEPS = 7000
-FINETUNE_STEPS = 3000
+FINETUNE_STEPS = 4000
 
 GRID = 3  # code grid side: one code per world cell
 TOKENIZER_PIXELS = 48  # the image tokenizer's input side (16 px patches)
@@ -1349,7 +1349,8 @@ def train_team_member(team: Team, out: Path, work: Path, seed: int, steps: int, 
                       probe_every: int, recipe: Recipe) -> None:
     """One worker's part of `train_backbone` (all of it, for a team of one)."""
     rng = seed_all(seed)  # the examples: the same on every worker
-    # Each worker's masks; a team of one draws them from the same stream, as the committed checkpoint did.
+    # Each worker's masks; a team of one draws them from the examples' stream, as the script did before teams
+    # (the committed checkpoint was trained by a team of two).
     layout_rng = rng if team.size == 1 else random.Random(f"{seed}/{team.rank}")
     codes = SceneCodes(out / "image_tokenizer")
     builder = SequenceBuilder(out, codes)
