@@ -976,7 +976,7 @@ class Recipe:
     # the committed backbone was pretrained without it.
     focus: bool = False
     # Whether words with nothing in a picture to look at are guided to the same word earlier in the text
-    # (`guidance`); the committed checkpoint was trained without it.
+    # (`guidance`). Off: on in the fine-tune it lowered thinking riddles 0.875 -> 0.795 (thirteenth round).
     text_lookup: bool = False
     examples_per_step: int = EXAMPLES_PER_STEP
 
