@@ -149,35 +149,6 @@ def test_an_answer_with_focus_cells_looks_at_those_cells_codes_and_nowhere_else(
     assert guided(()) == {}
 
 
-def test_text_lookup_guides_a_plans_words_to_the_same_words_in_the_riddle_unless_a_picture_holds_them(codec):
-    world = train.WorldLabels(codec)
-
-    def guided(prompt: list[int], answer: list[int], text_lookup: bool) -> list[tuple[str, set[str]]]:
-        """Each guided word of the answer and what its keys hold (a word, or "code")."""
-        seq = sequence(prompt, answer)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train, "FULL_MASK", 1.0)  # every answer token masked: only the prompt is visible
-            layout = train.noisy_layout(seq, random.Random(0), codec.special.mask, world)
-        batch = train.pack([layout], 512, text_lookup=text_lookup)
-        guide, target, ids = batch["guide"][0], batch["target"][0], batch["ids"][0]
-        named = (lambda token: "code" if codec.is_image_id(token) else codec.decode([token]).strip())
-        return [(named(int(target[q])), {named(int(ids[k])) for k in guide[q].nonzero()[:, 0].tolist()})
-                for q in (target >= 0).nonzero()[:, 0].tolist() if guide[q].any()
-                and not codec.is_image_id(int(target[q]))]
-
-    riddle = codec.encode_text("draw a red circle opposite the top-right.")
-    plan = codec.encode_text("opposite the top-right is the bottom-left; so a red circle at the bottom-left.")
-    # The restated cell, colour and shape look at the riddle's; the worked-out "bottom-left" has nothing to copy.
-    assert guided(riddle, plan, text_lookup=True) == [("top-right", {"top-right"}), ("red", {"red"}),
-                                                      ("circle", {"circle"})]
-    assert guided(riddle, plan, text_lookup=False) == []
-    # A word a visible picture holds still looks only at the picture, though the question also says it.
-    picture = [code(codec, cell, "circle", "red") if cell == "top-left" else code(codec, cell)
-               for cell in train.CELLS]
-    question = picture + codec.encode_text(" is the red shape a circle? what color is it?")
-    assert guided(question, codec.encode_text("red"), text_lookup=True) == [("red", {"code"})]
-
-
 def test_a_built_question_guides_its_answer_to_the_focus_cells_of_its_picture():
     from runtime.tiny import tasks
 

@@ -849,9 +849,8 @@ def noisy_layout(seq: TrainSequence, rng: random.Random, mask_id: int, world: Wo
     return Layout(ids, positions, kind, block, group, target, labels)
 
 
-def pack(layouts: Sequence[Layout], row_length: int, text_lookup: bool = False) -> dict[str, torch.Tensor]:
-    """Pack layouts into rows (first fit, longest first) and build the block-diffusion attention mask and the
-    attention guidance (`text_lookup`: see `guidance`)."""
+def pack(layouts: Sequence[Layout], row_length: int) -> dict[str, torch.Tensor]:
+    """Pack layouts into rows (first fit, longest first) and build the block-diffusion attention mask."""
     rows: list[list[Layout]] = []
     for layout in sorted(layouts, key=lambda item: -len(item.ids)):
         for row in rows:
@@ -887,11 +886,10 @@ def pack(layouts: Sequence[Layout], row_length: int, text_lookup: bool = False) 
             values[r, :len(row_values)] = row_values
         labels[field] = torch.from_numpy(values)
     return {"ids": ids, "positions": positions, "mask": mask, "target": target,
-            "guide": guidance(mask, target, labels, text_lookup)}
+            "guide": guidance(mask, target, labels)}
 
 
-def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.Tensor],
-             text_lookup: bool = False) -> torch.Tensor:
+def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where a guided head should look, bool [rows, queries, keys]: from each masked token to the visible,
     unmasked tokens that hold what it needs.
 
@@ -900,10 +898,7 @@ def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.T
     - a masked shape, colour or cell word looks at the codes holding that shape, colour or (a shape in that)
       cell: the answer "blue" at the blue shapes' codes, "top-left" at the shape in the top-left;
     - a masked word of an answer with focus cells (`tasks.Example.focus`) looks at those cells' codes instead:
-      "no" to "is the top-left empty?" at the top-left's code, "two" to "how many squares?" at the squares;
-    - with `text_lookup`, a masked shape, colour or cell word that no visible code holds looks at the same word
-      where the text already says it: a riddle's "opposite the top-right" restated in its plan, the plan's
-      cell in its conclusion. A plan's misses are such copies gone wrong (runtime/tiny/README.md).
+      "no" to "is the top-left empty?" at the top-left's code, "two" to "how many squares?" at the squares.
 
     The model reaches these lookups on its own only after far more steps than a CPU budget allows: until the
     lookup works, "empty" is the best guess for every code and nothing rewards looking (see README).
@@ -921,13 +916,7 @@ def guidance(mask: torch.Tensor, target: torch.Tensor, labels: dict[str, torch.T
     in_focus = k(code) & ((q(focus) >> k(cell).clamp(min=0)) % 2 == 1)
     from_word = ~q(code) & ~q(focused) & holds
     from_focus = q(focused) & in_focus
-    guide = mask & q(query) & k(key) & (from_code | from_word | from_focus)
-    if text_lookup:
-        same_word = ~k(code) & (same_cell | ((q(shape) >= 0) & (q(shape) == k(shape)))
-                                | ((q(color) >= 0) & (q(color) == k(color))))
-        unheld = ~q(code) & ~q(focused) & ~guide.any(-1, keepdim=True)
-        guide |= mask & q(query) & k(key) & unheld & same_word
-    return guide
+    return mask & q(query) & k(key) & (from_code | from_word | from_focus)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -975,9 +964,6 @@ class Recipe:
     # Whether a question's answer words are guided to its focus cells (`tasks.Example.focus`);
     # the committed backbone was pretrained without it.
     focus: bool = False
-    # Whether words with nothing in a picture to look at are guided to the same word earlier in the text
-    # (`guidance`). Off: on in the fine-tune it lowered thinking riddles 0.875 -> 0.795 (thirteenth round).
-    text_lookup: bool = False
     examples_per_step: int = EXAMPLES_PER_STEP
 
 
@@ -1400,7 +1386,7 @@ def train_team_member(team: Team, out: Path, work: Path, seed: int, steps: int, 
         layouts = [noisy_layout(builder.build(example, layout_rng), layout_rng, special["mask"], world, NOISY_COPIES)
                    for example in mine]
         seen += len(examples)
-        batch = {k: v.to(device) for k, v in pack(layouts, ROW_LENGTH, recipe.text_lookup).items()}
+        batch = {k: v.to(device) for k, v in pack(layouts, ROW_LENGTH).items()}
         loss = backbone.loss(batch, team.sum(backbone.denominators(batch)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
