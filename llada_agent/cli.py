@@ -130,7 +130,8 @@ async def cmd_demo(args: argparse.Namespace) -> None:
 
         print("\n1. visual chat — the user shows a picture and asks about it")
         chat = model.session(mode="chat")
-        for question in ("describe the image.", "what shape is at the center?"):
+        # Phrased as the tiny world's questions are ("the one at ..."); it was taught no other wording.
+        for question in ("describe the image.", "what shape is the one at the center?"):
             print(f"   user: {question}\n   model: ", end="")
             reply = await run_turn(chat, [picture, question], task="chat", options=_text_options(args))
             entries.append((question, [picture], reply))

@@ -94,3 +94,22 @@ def test_a_plan_revised_by_a_hook_is_what_gets_drawn():
     assert len(seen) == 1 and seen[0].plan.strip() and "green" not in seen[0].plan
     assert reply.thinking == revised
     assert read_scene(reply.image.pil()) == Scene.of(Shape("circle", "green", "center"))
+
+
+def test_the_demo_answers_draws_and_edits_right(tmp_path, capsys):
+    """`llada-agent demo`, the README's first command: its chat answers are right, its riddle picture is the
+    riddle's answer, its edit changes only what was asked, and the page it writes shows every picture."""
+    from PIL import Image
+
+    from llada_agent.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "model: a red circle at the top-left and a blue square at the center\n" in printed
+    assert "model: square\n" in printed
+    assert read_scene(Image.open(tmp_path / "riddle.png")) == Scene.of(Shape("circle", "blue", "center"))
+    assert read_scene(Image.open(tmp_path / "edit.png")) == Scene.of(Shape("circle", "green", "top-left"),
+                                                                     Shape("square", "blue", "center"))
+    page = (tmp_path / "demo.html").read_text()
+    # The picture shown, with each chat question and the edit; then the riddle's, the edit's, three frames.
+    assert page.count("<img") == 3 + 1 + 1 + 3
