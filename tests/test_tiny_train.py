@@ -8,6 +8,7 @@ loss and answers nothing right.
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -422,3 +423,39 @@ def test_a_team_of_two_trains_resumes_and_keeps_its_workers_models_identical(tmp
     assert not torch.equal(read_tensors(folder)[layer], read_tensors(TINY_CHECKPOINT)[layer])
     with pytest.raises(ValueError, match="saved by 2 workers: resume with --workers 2"):
         train.train_backbone(folder, tmp_path / "work", seed=0, steps=3, resume=True, recipe=train.FINETUNE)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir() or not Path("/proc/self/task").is_dir(),
+                    reason="the team's shared files live in /dev/shm; its workers are found through /proc")
+def test_a_team_run_stopped_by_sigterm_leaves_no_workers_or_shared_files_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(TINY_CHECKPOINT, folder)
+    before = set(Path("/dev/shm").iterdir())
+    run = subprocess.Popen([sys.executable, "-m", "runtime.tiny.train", "finetune", "--out", str(folder), "--work",
+                            str(tmp_path / "work"), "--scale", "0.01", "--workers", "2"],
+                           cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in run.stdout:  # the leader's first line: every worker has joined the team
+            if "steps of" in line:
+                break
+        workers = [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
+                   for pid in (task / "children").read_text().split()]
+        shared = [path for path in set(Path("/dev/shm").iterdir()) - before if (path / "gradients").exists()
+                  or (path / "rendezvous").exists()]
+        assert len(workers) >= 2 and len(shared) == 1, (workers, shared)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        run.stdout.close()
+    assert not shared[0].exists()
+
+    def running(pid):  # a worker reparented to a PID 1 that does not reap may linger as a zombie
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "\nState:\tZ" not in status.read_text()
+
+    assert not any(running(pid) for pid in workers)

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -1316,7 +1317,18 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
     threads = max(1, torch.get_num_threads() // workers)
     shared_memory = Path("/dev/shm")
     with tempfile.TemporaryDirectory(dir=shared_memory if shared_memory.is_dir() else None) as folder:
-        torch.multiprocessing.spawn(join_team, (workers, Path(folder), threads, args), nprocs=workers)
+        team = torch.multiprocessing.spawn(join_team, (workers, Path(folder), threads, args), nprocs=workers,
+                                           join=False)
+        try:
+            while not team.join():
+                pass
+        finally:
+            # Stopped (an error, Ctrl-C, or SIGTERM through `main`): end the workers before their shared
+            # gradient file goes, or it would outlive the run in /dev/shm, which is memory.
+            for process in team.processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join()
 
 
 def join_team(rank: int, size: int, folder: Path, threads: int, args: tuple) -> None:
@@ -1703,6 +1715,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--probe", type=int, default=20, help="examples per family in the check")
     parser.add_argument("--probe-every", type=int, default=0, help="also probe the backbone every N steps")
     args = parser.parse_args(argv)
+    # A stop signal unwinds like Ctrl-C, so a team's workers and shared files are cleaned up (`train_backbone`).
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     # Tiny gradients turn denormal late in training, and denormal arithmetic is many times slower on CPUs.
