@@ -21,6 +21,7 @@ from llada_agent.agents import ThinkDrawAgent
 
 def caption_critic(model, image_options: ImageOptions):
     """Ask the model to caption its drawing; redraw (sampled) when the caption is not what it planned."""
+    from runtime.tiny.world import same_scene_described
 
     async def critic(drawing):
         planned = drawing.plan.strip().rsplit("so ", 1)[-1].rstrip(". ")
@@ -28,7 +29,7 @@ def caption_critic(model, image_options: ImageOptions):
         seen = (await viewer.ask("describe the image.", image=drawing.image,
                                  options=TextOptions(max_tokens=64))).text.strip().rstrip(".")
         print(f"   attempt {drawing.attempt}: planned '{planned}', sees '{seen}'")
-        if seen == planned:
+        if same_scene_described(seen, planned):  # the same shapes, however each sentence opens
             return Accept()
         return Redraw(options=image_options.model_copy(update={"temperature": 1.0, "seed": drawing.attempt}))
 

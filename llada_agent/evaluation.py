@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from runtime.tiny import tasks
-from runtime.tiny.world import Scene, SceneReadError, read_scene, render
+from runtime.tiny.world import Scene, SceneReadError, read_scene, render, same_scene_described
 
 from .agents.think_draw import ThinkDrawAgent
 from .hooks import Accept, Drawing, Redraw
@@ -136,10 +136,10 @@ class Evaluator:
         picture back to be drawn again, sampled this time."""
 
         async def critic(drawing: Drawing) -> Accept | Redraw:
-            planned = drawing.plan.strip().rsplit("so ", 1)[-1].rstrip(". ")
+            planned = drawing.plan.strip().rsplit("so ", 1)[-1]
             viewer = self.model.session(mode="chat", system=tasks.SYSTEM_UNDERSTANDING)
             seen = await viewer.send([drawing.image, "describe the image."], task="chat", options=self.text)
-            if seen.text.strip().rstrip(".") == planned:
+            if same_scene_described(seen.text, planned):
                 return Accept()
             retry = self.image.model_copy(update={"temperature": 1.0, "seed": drawing.attempt + 1})
             return Redraw(options=retry)

@@ -56,9 +56,11 @@ from runtime.tiny.world import (
     describe,
     is_holdout_scene,
     opposite,
+    parse_description,
     read_scene,
     read_shapes,
     render,
+    same_scene_described,
     sample_scene,
 )
 
@@ -103,6 +105,24 @@ def test_describe_lists_shapes_in_grid_order_with_articles():
                      Shape("square", "orange", "center"))
     assert describe(scene) == ("a red circle at the top-left, an orange square at the center "
                                "and a blue triangle at the bottom")
+
+
+def test_parse_description_inverts_describe_and_reads_the_for_a():
+    for scene in random_scenes(3, 300):
+        assert parse_description(describe(scene)) == scene
+        assert parse_description(describe(scene) + ".") == scene
+    assert parse_description("the blue circle at the center.") == Scene.of(Shape("circle", "blue", "center"))
+    assert same_scene_described("so the red square at the top and a blue circle at the left".removeprefix("so "),
+                                "a blue circle at the left and a red square at the top.")
+
+
+@pytest.mark.parametrize("text", ["blue", "", "a blue circle at the middle", "a blue blue at the center",
+                                  "a red circle at the top and a blue square at the top",
+                                  "a red circle at the top, and a blue square at the left"])
+def test_parse_description_refuses_what_is_not_a_scene_with_a_typed_error(text):
+    with pytest.raises(SceneError):
+        parse_description(text)
+    assert not same_scene_described(text, text)
 
 
 def test_grid_geometry_helpers_agree_with_cell_names():

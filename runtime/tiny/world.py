@@ -197,6 +197,29 @@ def describe(scene: Scene) -> str:
     return join_phrases([shape_phrase(s) for s in scene.shapes])
 
 
+def parse_description(text: str) -> Scene:
+    """The scene a caption in `describe`'s words names, its inverse: "a red circle at the top-left and a blue
+    square at the center." Reads "the" where `describe` writes "a"/"an" (a plan may conclude either way) and
+    ignores a final full stop. Raises SceneError for any other text."""
+    phrases = text.strip().removesuffix(".").replace(" and ", ", ").split(", ")
+    shapes = []
+    for phrase in phrases:
+        words = phrase.split(" ")
+        if len(words) != 6 or words[0] not in ("a", "an", "the") or words[3:5] != ["at", "the"]:
+            raise SceneError(f"{text!r} is not a description of a scene ({phrase!r} is not 'a <color> <shape> "
+                             f"at the <cell>')")
+        shapes.append(Shape(words[2], words[1], words[5]))
+    return Scene(tuple(shapes))
+
+
+def same_scene_described(first: str, second: str) -> bool:
+    """Whether two texts describe the same scene (`parse_description`); False when either describes none."""
+    try:
+        return parse_description(first) == parse_description(second)
+    except SceneError:
+        return False
+
+
 def is_holdout_scene(scene: Scene) -> bool:
     """Return whether the scene is held out of training: it contains a purple triangle."""
     return any(s.shape == "triangle" and s.color == "purple" for s in scene.shapes)
