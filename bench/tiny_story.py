@@ -1,5 +1,6 @@
 """How far the tiny model's stories get, through the SDK: frames drawn of those asked, turns that broke the
-format, and stories consistent frame to frame (`tiny_eval.py`'s `story_consistency`).
+format, stories consistent frame to frame (`tiny_eval.py`'s `story_consistency`), and stories whose first
+picture repeats a shape (the commonest way they go wrong).
 
 The stories are `tiny_eval.py`'s (same seed, same prompts); prints one JSON line.
 
@@ -23,7 +24,7 @@ from runtime.tiny import tasks
 
 
 async def run(args: argparse.Namespace) -> dict:
-    asked = drawn = malformed = consistent = 0
+    asked = drawn = malformed = consistent = repeats = 0
     rng = random.Random(f"{args.seed}-story_consistency")  # the stories `tiny_eval.py` tells
     async with llada_agent.load(args.model) as model:
         evaluator = Evaluator(model, EvalConfig())
@@ -34,8 +35,18 @@ async def run(args: argparse.Namespace) -> dict:
             drawn += len(story_frames(reply))
             malformed += reply.finish_reason == "malformed"
             consistent += story_is_consistent(example, reply)
+            repeats += repeats_a_shape(story_frames(reply))
     return {"stories": args.samples, "frames_asked": asked, "frames_drawn": drawn, "malformed": malformed,
-            "consistent": consistent}
+            "consistent": consistent, "first_frame_repeats_a_shape": repeats}
+
+
+def repeats_a_shape(frames: list) -> bool:
+    """Whether the first picture holds two shapes of one kind and colour, which no training story opens with
+    (its hero is the only one of its kind and colour)."""
+    if not frames or frames[0][1] is None:
+        return False
+    shapes = [(shape.shape, shape.color) for shape in frames[0][1].shapes]
+    return len(set(shapes)) < len(shapes)
 
 
 def main() -> None:

@@ -301,6 +301,29 @@ def test_the_error_breakdown_bench_counts_every_example_once():
     assert all(key.startswith("purple triangle drawn as ") for key in report["holdout_t2i"])
 
 
+def test_the_story_bench_counts_frames_and_first_pictures_that_repeat_a_shape():
+    import importlib.util
+    import subprocess
+    import sys
+
+    from runtime.tiny.world import Scene, Shape
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "tiny_story.py"
+    spec = importlib.util.spec_from_file_location("tiny_story", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    repeats_a_shape = bench.repeats_a_shape
+    twice = Scene.of(Shape("circle", "red", "top"), Shape("circle", "red", "left"))
+    once = Scene.of(Shape("circle", "red", "top"), Shape("circle", "blue", "left"))
+    assert repeats_a_shape([("", twice), ("", once)]) and not repeats_a_shape([("", once), ("", twice)])
+    assert not repeats_a_shape([]) and not repeats_a_shape([("", None)])
+    result = subprocess.run([sys.executable, str(script), "--samples", "2"], capture_output=True, text=True,
+                            timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["stories"] == 2 and 0 <= report["frames_drawn"] <= report["frames_asked"] <= 8
+    assert 0 <= report["consistent"] <= 2 and 0 <= report["first_frame_repeats_a_shape"] <= 2
+
+
 def test_the_training_step_bench_times_both_stages_alone_and_as_a_team_in_their_own_loops():
     import math
     import subprocess
