@@ -1306,9 +1306,9 @@ def train_backbone(out: Path, work: Path, seed: int, steps: int, resume: bool, d
 
     With `workers` > 1 the stage runs as a `Team` of that many processes, this process's threads split
     between them; they start by spawning, which imports the calling script again, so a script calling this
-    keeps its work under `if __name__ == "__main__":`. Every SAVE_EVERY steps (and at the end) the resumable state goes to `work` and the
-    backbone to `out`; with `probe_every`, every that many steps the written checkpoint is also probed
-    (a few examples per family).
+    keeps its work under `if __name__ == "__main__":`. Every SAVE_EVERY steps (and at the end) the resumable
+    state goes to `work` and the backbone to `out`; with `probe_every`, every that many steps the written
+    checkpoint is also probed (a few examples per family).
     """
     args = (out, work, seed, steps, resume, device, probe_every, recipe)
     if workers == 1:
