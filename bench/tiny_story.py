@@ -32,10 +32,11 @@ async def run(args: argparse.Namespace) -> dict:
             example = tasks.sample_example("story", rng, holdout="exclude")
             reply = await evaluator.story(example)
             asked += sum(isinstance(p, tasks.ScenePart) for p in example.target.parts)
-            drawn += len(story_frames(reply))
+            frames = story_frames(reply)
+            drawn += len(frames)
             malformed += reply.finish_reason == "malformed"
             consistent += story_is_consistent(example, reply)
-            repeats += repeats_a_shape(story_frames(reply))
+            repeats += repeats_a_shape(frames)
     return {"stories": args.samples, "frames_asked": asked, "frames_drawn": drawn, "malformed": malformed,
             "consistent": consistent, "first_frame_repeats_a_shape": repeats}
 
