@@ -23,10 +23,12 @@ from .errors import (
     ModelClosed,
     ModelLoadError,
     SessionFileError,
+    SessionNotFound,
     Timeout,
 )
 from .hooks import Accept, Approve, Draw, Drawing, DrawPlan, Hooks, PlanReview, Redraw, Revise, Skip
 from .model import Model, load
+from .remote import RemoteModel, RemoteSession, RemoteTurnStream
 from .schemas import (
     EVENT_ADAPTER,
     CacheInfo,
@@ -53,14 +55,15 @@ from .schemas import (
     TurnDone,
     Usage,
 )
-from .session import Session, TurnStream
+from .session import Conversation, Session, TurnStream
 
 __all__ = [
-    "EVENT_ADAPTER", "Accept", "Approve", "Busy", "CacheInfo", "Cancelled", "ContextLengthError", "Draw",
+    "EVENT_ADAPTER", "Accept", "Approve", "Busy", "CacheInfo", "Cancelled", "ContextLengthError", "Conversation", "Draw",
     "DrawPlan", "Drawing", "EditOptions", "ErrorEvent", "Event", "GenerationFailed", "Hooks", "ImageDecodeProgress",
     "ImageDecoded", "ImageError", "ImageOptions", "ImagePart", "ImageProgress", "ImageStarted", "ImageTokensDone",
     "InvalidInputError", "LLaDAError", "MalformedOutputError", "Message", "Model", "ModelClosed", "ModelLoadError",
-    "Part", "PlanReview", "Redraw", "Reply", "Revise", "Session", "SessionFileError", "Skip", "StoryOptions",
+    "Part", "PlanReview", "Redraw", "RemoteModel", "RemoteSession", "RemoteTurnStream", "Reply", "Revise",
+    "Session", "SessionFileError", "SessionNotFound", "Skip", "StoryOptions",
     "TextBlock", "TextOptions", "TextPart", "ThinkOptions", "ThinkingBlock", "ThinkingPart", "Timeout",
     "TurnDone", "TurnStream", "Usage", "load",
 ]

@@ -1,7 +1,7 @@
 """`llada-agent`: the command line — demo, chat, ask, draw, edit, story, serve.
 
 Every command takes `--model` (default "tiny": the bundled model, runs on any CPU; or a checkpoint folder in
-the official layout, or a Hub id) and `--device` / `--dtype`. Long work shows progress on stderr; answers
+the official layout, a Hub id, or the URL of a `llada-agent serve` server) and `--device` / `--dtype`. Long work shows progress on stderr; answers
 go to stdout; pictures and pages are written where `--out` says.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from . import load
 from .errors import LLaDAError
 from .html import write_page
+from .remote import RemoteModel
 from .schemas import (
     EditOptions,
     ErrorEvent,
@@ -124,7 +125,7 @@ async def cmd_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     entries: list[tuple[str, list[ImagePart], Reply]] = []
     async with _load(args) as model:
-        print(f"model: {model.source} on {model.device} ({str(model.dtype).removeprefix('torch.')})")
+        print(f"model: {_where(model)}")
         scene = Scene.of(Shape("circle", "red", "top-left"), Shape("square", "blue", "center"))
         picture = ImagePart.from_pil(render(scene, 128))
 
@@ -250,6 +251,12 @@ def _read_line(prompt: str) -> str:
 # Plumbing
 
 
+def _where(model: Any) -> str:
+    if isinstance(model, RemoteModel):
+        return f"{model.name} at {model.url}"
+    return f"{model.source} on {model.device} ({str(model.dtype).removeprefix('torch.')})"
+
+
 def _load(args: argparse.Namespace):
     return load(args.model, device=args.device, dtype=args.dtype, decoder_mode=args.decoder)
 
@@ -284,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny", help='"tiny", a checkpoint folder, or a Hub id')
+    common.add_argument("--model", default="tiny", help='"tiny", a checkpoint folder, a Hub id, or a server URL')
     common.add_argument("--device", default="cpu")
     common.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     common.add_argument("--decoder", default=None, choices=["normal", "turbo"],

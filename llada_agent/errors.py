@@ -57,6 +57,10 @@ class ModelClosed(LLaDAError):
     """The model is not started or was closed; use `async with llada_agent.load(...) as model`."""
 
 
+class SessionNotFound(LLaDAError):
+    """A server has no session of this id (never created, deleted, or dropped to make room)."""
+
+
 def wrap(error: BaseException) -> BaseException:
     """Return the SDK error for an engine error (cause attached); other exceptions come back unchanged."""
     kind: type[LLaDAError] | None = None

@@ -34,6 +34,7 @@ from runtime.tokens import TokenCodec
 from .errors import ImageError, InvalidInputError, ModelClosed, ModelLoadError, wrap
 from .prompts import ChatIds, chat_ids
 from .recommended import Recommended
+from .remote import RemoteModel, is_server_url
 from .schemas import CacheInfo, DecoderMode, ImagePart, Task
 
 ImagePurpose = Literal["understanding", "editing"]
@@ -53,8 +54,10 @@ def load(
     max_active: int = 16,
     max_queue: int = 256,
     decoder_mode: DecoderMode | None = None,
-) -> Model:
-    """A model for `source` ("tiny", a checkpoint folder in the official layout, or a Hub id "owner/name").
+) -> Model | RemoteModel:
+    """A model for `source`: "tiny", a checkpoint folder in the official layout, a Hub id "owner/name", or
+    the URL of a llada-agent server ("http://host:8000": a `RemoteModel`, whose sessions run there; the
+    other arguments are the server's business and must stay unset).
 
     Nothing loads until the model starts: use `async with load(...) as model` (or `await model.start()`).
     `dtype` defaults to float32 on CPU and bfloat16 elsewhere; `cache_bytes` bounds the prefix cache (None:
@@ -63,6 +66,14 @@ def load(
     recommends, else "normal"). A checkpoint's `llada_agent.json` may also recommend sampling settings (see
     `llada_agent.recommended`); options a caller sets always win.
     """
+    if is_server_url(source):
+        local = {"device": str(device) != "cpu", "dtype": dtype is not None, "cache_bytes": cache_bytes != 1 << 30,
+                 "cache": cache is not True, "max_active": max_active != 16, "max_queue": max_queue != 256,
+                 "decoder_mode": decoder_mode is not None}
+        if any(local.values()):
+            raise InvalidInputError(f"{', '.join(k for k, v in local.items() if v)} are set where the model is "
+                                    f"loaded: on the server (`llada-agent serve`), not by a client of {source}")
+        return RemoteModel(source)
     return Model(source, device=device, dtype=dtype, cache_bytes=cache_bytes, cache=cache,
                  max_active=max_active, max_queue=max_queue, decoder_mode=decoder_mode)
 

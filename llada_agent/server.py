@@ -16,6 +16,9 @@ Endpoints:
 - `POST /v1/sessions`, `POST /v1/sessions/{id}/messages`, `GET /v1/sessions[/{id}]`,
   `DELETE /v1/sessions/{id}`: conversations whose history stays on the server as exact token ids, so each
   turn computes only its new blocks (`usage.prompt_tokens_details.cached_tokens` shows the reuse).
+- `POST /v1/sessions/{id}/turns` and `POST /v1/sessions/{id}/fork`: the same sessions in the SDK's own
+  terms — parts, task and options as the SDK writes them in JSON, answered by the `Reply` or (`stream`)
+  its typed events — which `llada_agent.load("http://...")` speaks (`llada_agent.remote`).
 - `GET /v1/models`, `GET /health`.
 
 Images travel inline only (data: URIs or base64): the server never fetches URLs or reads its own files.
@@ -65,11 +68,13 @@ from .errors import (
     LLaDAError,
     ModelClosed,
     SessionFileError,
+    SessionNotFound,
     Timeout,
 )
 from .model import Model
 from .schemas import (
     EditOptions,
+    ErrorEvent,
     ImageOptions,
     ImagePart,
     ImageProgress,
@@ -91,6 +96,7 @@ from .wire import (
     ChatCompletionRequest,
     ChatMessage,
     CreateSessionRequest,
+    ForkRequest,
     ImageControls,
     ImageEditsRequest,
     ImageGeneration,
@@ -98,8 +104,10 @@ from .wire import (
     ImageURLContent,
     SessionMessageRequest,
     TextContent,
+    TurnRequest,
     parse,
     summary,
+    turn_options,
 )
 
 __all__ = ["PayloadTooLarge", "ServerBusy", "ServerLimits", "SessionNotFound", "create_app", "serve"]
@@ -123,10 +131,6 @@ class ServerLimits:
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors of the server itself
-
-
-class SessionNotFound(LLaDAError):
-    """No session has this id (never created, deleted, or dropped to make room)."""
 
 
 class PayloadTooLarge(InvalidInputError):
@@ -595,6 +599,65 @@ class _Server:
         turn = _plan(body, content, mode=entry.session.mode, task=body.task)
         return await self._answer(entry.session, turn, body, session_id=session_id)
 
+    async def fork_session(self, request: Request) -> Response:
+        """A new session with the history of another, or its first `turns` turns (sharing the cached prefix)."""
+        entry = self.sessions.get(request.path_params["session_id"])
+        raw = await request.body()
+        body = parse(ForkRequest, raw) if raw.strip() else ForkRequest()
+        session_id = self.sessions.add(entry.session.fork(body.turns))
+        return JSONResponse(_session_summary(session_id, self.sessions.get(session_id)), status_code=201)
+
+    async def session_turn(self, request: Request) -> Response:
+        """One turn in the SDK's own terms (`TurnRequest`): the `Reply` as JSON, or its typed events."""
+        session_id = request.path_params["session_id"]
+        entry = self.sessions.check_free(session_id)
+        body = parse(TurnRequest, await request.body())
+        self._check_parts(body.content)
+        task = body.task or entry.session.mode
+        options = turn_options(task, body.options)
+        deadlines = [t for t in (body.timeout, self.limits.turn_timeout) if t is not None]
+        timeout = min(deadlines) if deadlines else None
+        if body.stream:
+            stream = entry.session.stream(body.content, task=task, options=options, timeout=timeout)
+            return StreamingResponse(self._events(stream, session_id), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        with self.sessions.use(session_id):
+            reply = await entry.session.send(body.content, task=task, options=options, timeout=timeout)
+        return JSONResponse({"object": "session.turn", "session_id": session_id,
+                             "reply": reply.model_dump(mode="json")})
+
+    def _check_parts(self, parts: list[Any]) -> None:
+        """Images of a turn request against the limits; codes against the vocabulary (they go straight into
+        the prompt, unlike pictures, which the image tokenizer reads)."""
+        images = [part for part in parts if isinstance(part, ImagePart)]
+        if len(images) > self.limits.max_images:
+            raise InvalidInputError(f"at most {self.limits.max_images} images per request")
+        codec = self.model.codec
+        for image in images:
+            if image.png is not None and len(image.png) > self.limits.max_image_bytes:
+                raise PayloadTooLarge(f"an image of {len(image.png)} bytes is over the limit of "
+                                      f"{self.limits.max_image_bytes} bytes")
+            if image.grid is not None:
+                if max(image.grid) > codec.max_grid:
+                    raise ImageError(f"a {image.grid[0]}x{image.grid[1]} grid is larger than the vocabulary "
+                                     f"writes ({codec.max_grid} per side)")
+                if max(image.codes) >= codec.num_image_codes:
+                    raise ImageError(f"image codes must be below {codec.num_image_codes}")
+
+    async def _events(self, stream: TurnStream, session_id: str) -> AsyncIterator[str]:
+        """A turn's events as Server-Sent Events of SDK event JSON: the last is `turn_done` or `error`."""
+        reported = False
+        try:
+            with self.sessions.use(session_id):
+                async with stream as events:
+                    async for event in events:
+                        reported = isinstance(event, ErrorEvent)
+                        yield _sse(event.model_dump(mode="json"))
+        except (LLaDAError, rt_errors.RuntimeErrorBase) as error:
+            if not reported:  # it failed before the turn began (e.g. the session became busy)
+                yield _sse(ErrorEvent(error=type(error).__name__, message=str(error)).model_dump(mode="json"))
+        yield "data: [DONE]\n\n"
+
     # ----- one turn, whole or streamed
 
     async def _answer(self, session: Session, turn: _Turn, body: ChatCompletionRequest, *,
@@ -710,6 +773,8 @@ def create_app(model: Model, *, name: str | None = None, limits: ServerLimits | 
 
     The application owns the model: it starts it when the server starts (if not yet started) and closes
     it when the server stops. `name` is the model id in responses (default: the model's source)."""
+    if not isinstance(model, Model):
+        raise InvalidInputError(f"a server serves a model loaded in this process, not {type(model).__name__}")
     limits = limits or ServerLimits()
     server = _Server(model, name or _model_name(model), limits)
 
@@ -743,6 +808,8 @@ def create_app(model: Model, *, name: str | None = None, limits: ServerLimits | 
         Route("/v1/sessions/{session_id}", server.get_session, methods=["GET"]),
         Route("/v1/sessions/{session_id}", server.delete_session, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}/messages", server.session_message, methods=["POST"]),
+        Route("/v1/sessions/{session_id}/turns", server.session_turn, methods=["POST"]),
+        Route("/v1/sessions/{session_id}/fork", server.fork_session, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
     ]

@@ -58,7 +58,56 @@ class _Turn:
     ids: tuple[int, ...]
 
 
-class Session:
+class Conversation:
+    """The turns every conversation offers on top of `send`: `Session` here, `RemoteSession` over HTTP."""
+
+    async def send(self, content: Content, *, task: Task | None = None, options: Options | None = None,
+                   hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None) -> Reply:
+        raise NotImplementedError
+
+    async def ask(self, question: str, image: Any = None, *, options: TextOptions | None = None,
+                  timeout: float | None = None) -> Reply:
+        """A text answer to `question`, about `image` (one source or a list) when given."""
+        return await self.send([*_as_list(image), question], task="chat", options=options, timeout=timeout)
+
+    async def draw(self, prompt: str, *, size: int | tuple[int, int] | None = None,
+                   grid: tuple[int, int] | None = None, thinking: bool = False,
+                   options: ImageOptions | ThinkOptions | None = None, hooks: Hooks | None = None,
+                   decode: bool | None = None, timeout: float | None = None) -> Reply:
+        """A picture of `prompt`. `size` (width, height) in pixels (an int: square) or `grid` (h, w) in
+        codes; with `thinking` the model first writes a plan and chooses the grid itself (`hooks` see it)."""
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        if thinking:
+            think = options if isinstance(options, ThinkOptions) else ThinkOptions(image=options or ImageOptions())
+            if size is not None or grid is not None:
+                think = _revalidate(think, image=_revalidate(think.image, size=size, grid=grid))
+            return await self.send(prompt, task="think", options=think, hooks=hooks, decode=decode,
+                                   timeout=timeout)
+        if isinstance(options, ThinkOptions):
+            raise InvalidInputError("ThinkOptions are for draw(..., thinking=True); pass ImageOptions")
+        image = options or ImageOptions()
+        if size is not None or grid is not None:
+            image = _revalidate(image, size=size, grid=grid)
+        return await self.send(prompt, task="draw", options=image, decode=decode, timeout=timeout)
+
+    async def edit(self, instruction: str, image: Any = None, *, options: EditOptions | None = None,
+                   decode: bool | None = None, timeout: float | None = None) -> Reply:
+        """The image edited by `instruction`. `image`: a source, a list of reference images, or None for
+        the session's last image. The result has the first source's grid unless `options.grid` says."""
+        return await self.send([*_as_list(image), instruction], task="edit", options=options, decode=decode,
+                               timeout=timeout)
+
+    async def story(self, prompt: str, *, max_frames: int | None = None, options: StoryOptions | None = None,
+                    decode: bool | None = None, timeout: float | None = None) -> Reply:
+        """Text with pictures: the model writes and draws in turn, up to `max_frames` pictures."""
+        story = options or StoryOptions()
+        if max_frames is not None:
+            story = _revalidate(story, max_frames=max_frames)
+        return await self.send(prompt, task="story", options=story, decode=decode, timeout=timeout)
+
+
+class Session(Conversation):
     """A conversation with one model: send turns, stream their events, fork, save and load."""
 
     def __init__(self, model: Model, *, mode: Task = "chat", system: str | None = None,
@@ -137,47 +186,6 @@ class Session:
         stream = TurnStream(self)
         stream._runner = self._runner_for(content, task, options, hooks, decode, timeout, emit=stream._put)
         return stream
-
-    async def ask(self, question: str, image: Any = None, *, options: TextOptions | None = None,
-                  timeout: float | None = None) -> Reply:
-        """A text answer to `question`, about `image` (one source or a list) when given."""
-        return await self.send([*_as_list(image), question], task="chat", options=options, timeout=timeout)
-
-    async def draw(self, prompt: str, *, size: int | tuple[int, int] | None = None,
-                   grid: tuple[int, int] | None = None, thinking: bool = False,
-                   options: ImageOptions | ThinkOptions | None = None, hooks: Hooks | None = None,
-                   decode: bool | None = None, timeout: float | None = None) -> Reply:
-        """A picture of `prompt`. `size` (width, height) in pixels (an int: square) or `grid` (h, w) in
-        codes; with `thinking` the model first writes a plan and chooses the grid itself (`hooks` see it)."""
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = (size, size)
-        if thinking:
-            think = options if isinstance(options, ThinkOptions) else ThinkOptions(image=options or ImageOptions())
-            if size is not None or grid is not None:
-                think = _revalidate(think, image=_revalidate(think.image, size=size, grid=grid))
-            return await self.send(prompt, task="think", options=think, hooks=hooks, decode=decode,
-                                   timeout=timeout)
-        if isinstance(options, ThinkOptions):
-            raise InvalidInputError("ThinkOptions are for draw(..., thinking=True); pass ImageOptions")
-        image = options or ImageOptions()
-        if size is not None or grid is not None:
-            image = _revalidate(image, size=size, grid=grid)
-        return await self.send(prompt, task="draw", options=image, decode=decode, timeout=timeout)
-
-    async def edit(self, instruction: str, image: Any = None, *, options: EditOptions | None = None,
-                   decode: bool | None = None, timeout: float | None = None) -> Reply:
-        """The image edited by `instruction`. `image`: a source, a list of reference images, or None for
-        the session's last image. The result has the first source's grid unless `options.grid` says."""
-        return await self.send([*_as_list(image), instruction], task="edit", options=options, decode=decode,
-                               timeout=timeout)
-
-    async def story(self, prompt: str, *, max_frames: int | None = None, options: StoryOptions | None = None,
-                    decode: bool | None = None, timeout: float | None = None) -> Reply:
-        """Text with pictures: the model writes and draws in turn, up to `max_frames` pictures."""
-        story = options or StoryOptions()
-        if max_frames is not None:
-            story = _revalidate(story, max_frames=max_frames)
-        return await self.send(prompt, task="story", options=story, decode=decode, timeout=timeout)
 
     def cancel(self) -> None:
         """Cancel the running turn, if any: it ends with `Cancelled` and the history stays as it was."""
@@ -265,9 +273,15 @@ class Session:
                 session._ids += ids
         return session
 
-    def fork(self) -> Session:
-        """A new session with this one's history (completed turns); both share the cached prefix."""
-        return Session(self.model, mode=self.mode, _turns=self._turns)
+    def fork(self, turns: int | None = None) -> Session:
+        """A new session with this one's history (completed turns; with `turns`, only the first that many
+        user/assistant pairs); both share the cached prefix."""
+        completed = (len(self._turns) - 1) // 2
+        if turns is None:
+            turns = completed
+        if isinstance(turns, bool) or not isinstance(turns, int) or not 0 <= turns <= completed:
+            raise InvalidInputError(f"turns must be an int from 0 to {completed}, got {turns!r}")
+        return Session(self.model, mode=self.mode, _turns=self._turns[:1 + 2 * turns])
 
     def to_record(self) -> SessionRecord:
         """The session as plain data (what `save` writes)."""

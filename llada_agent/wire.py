@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidInputError
-from .schemas import Task
+from .schemas import EditOptions, ImageOptions, Options, Part, StoryOptions, Task, TextOptions, ThinkOptions
 
 
 def summary(exc: ValidationError, limit: int = 3) -> str:
@@ -129,6 +129,44 @@ class CreateSessionRequest(_Strict):
     mode: Task = "chat"
     system: str | None = None
     messages: list[ChatMessage] | None = None
+
+
+class TurnRequest(BaseModel):
+    """`POST /v1/sessions/{id}/turns`: one turn in the SDK's own terms (what `RemoteSession` sends).
+
+    `content` is the user's parts as the SDK writes them in JSON (text, and images as PNG or as codes on a
+    grid); `options` are the fields of the task's options class that the caller set (the rest keep the
+    server's defaults, a checkpoint's recommendations included); `timeout` bounds each engine request (the
+    server's own limit still applies); `stream` answers with typed SDK events instead of the `Reply`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    content: list[Part] = Field(min_length=1)
+    task: Task | None = None
+    options: dict[str, Any] | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    stream: bool = False
+
+
+class ForkRequest(_Strict):
+    """`POST /v1/sessions/{id}/fork`: optionally, how many of the session's turns the fork keeps."""
+
+    turns: int | None = Field(default=None, ge=0)
+
+
+OPTIONS_OF_TASK: dict[str, type[BaseModel]] = {"chat": TextOptions, "draw": ImageOptions, "think": ThinkOptions,
+                                               "edit": EditOptions, "story": StoryOptions}
+
+
+def turn_options(task: Task, options: dict[str, Any] | None) -> Options | None:
+    """The options object of `task` from its JSON fields (None: the defaults)."""
+    if options is None:
+        return None
+    kind = OPTIONS_OF_TASK[task]
+    try:
+        return kind.model_validate(options)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {kind.__name__} for a {task} turn: {summary(exc)}") from exc
 
 
 class ImageControls(BaseModel):

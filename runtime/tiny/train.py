@@ -1220,8 +1220,9 @@ class Team:
     loopback sockets the 30 MB exchange took longer than the compute it saved. Small sums, barriers and
     gathers go through `torch.distributed` (gloo). A team of one is the plain loop.
 
-    Why: on two cores, two one-thread workers train faster than one two-thread process
-    (`bench/tiny_train_step.py`); the tiny model's matrices are too small to keep two threads busy.
+    Why: on the two-core Intel machine the checkpoint was trained on, two one-thread workers train faster
+    than one two-thread process (`bench/tiny_train_step.py`: the tiny model's matrices are too small to keep
+    two threads busy); on a two-core AMD EPYC the two run alike (runtime/tiny/README.md, fifteenth round).
     """
 
     def __init__(self, rank: int = 0, size: int = 1, folder: Path | None = None):

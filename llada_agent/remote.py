@@ -1,0 +1,389 @@
+"""A model served over HTTP: `llada_agent.load("http://host:8000")` talks to `llada-agent serve` instead of
+loading weights.
+
+```python
+async with llada_agent.load("http://127.0.0.1:8000") as model:
+    chat = model.session(mode="chat")
+    reply = await chat.ask("What is in this picture?", image="photo.png")
+```
+
+The server keeps each session's history as the exact token ids the model read and wrote, so a remote
+session's later turns are served from the server's prefix cache as a local session's are. Turns travel in
+the SDK's own terms (`POST /v1/sessions/{id}/turns`: parts, task and options as JSON, answered by typed
+events), so `send`, `stream`, `ask`, `draw`, `edit`, `story`, `fork` and `cancel` behave as on a local
+`Session`, errors included: the server's error comes back as the same `LLaDAError` kind. What needs the
+model in this process stays local-only: hooks (they run beside the model), `save`/`load` (the history
+lives on the server), and `encode_images`/`decode_image`.
+
+Needs httpx (`pip install 'llada-agent[remote]'`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from typing_extensions import Self
+
+from . import errors, prompts
+from .errors import InvalidInputError, LLaDAError, ModelClosed, ModelLoadError
+from .hooks import Hooks
+from .schemas import EVENT_ADAPTER, ErrorEvent, ImagePart, Message, Options, Reply, Task, TextPart, TurnDone
+from .session import Content, Conversation, _user_parts, _with_decode
+
+# The server's error codes (`llada_agent.server._status`) as the SDK's error kinds.
+_ERROR_CODES: dict[str, type[LLaDAError]] = {
+    "session_not_found": errors.SessionNotFound, "payload_too_large": InvalidInputError,
+    "context_length_exceeded": errors.ContextLengthError, "invalid_image": errors.ImageError,
+    "invalid_request": InvalidInputError, "server_busy": errors.Busy, "session_busy": errors.Busy,
+    "cancelled": errors.Cancelled, "model_unavailable": ModelClosed, "timeout": errors.Timeout,
+}
+# An `error` event names the exception's class; the SDK's own kinds come back as themselves.
+_ERROR_NAMES: dict[str, type[LLaDAError]] = {
+    name: kind for name, kind in vars(errors).items() if isinstance(kind, type) and issubclass(kind, LLaDAError)
+}
+
+
+def is_server_url(source: Any) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+class RemoteModel:
+    """A model behind a llada-agent server: makes sessions whose history and cache live on the server."""
+
+    def __init__(self, url: str, *, timeout: float | None = None, headers: dict[str, str] | None = None):
+        """`timeout`: seconds to wait for the server between two events of a turn (None: as long as the turn
+        runs; a turn's own deadline is `send(..., timeout=)`); `headers` go with every request (e.g. an
+        Authorization header for a proxy in front of the server)."""
+        if not is_server_url(url):
+            raise InvalidInputError(f"a server URL starts with http:// or https://, got {url!r}")
+        self.source = url
+        self.url = url.rstrip("/")
+        self.name: str | None = None
+        self._timeout = timeout
+        self._headers = dict(headers or {})
+        self._client: Any = None
+        self._sessions: set[str] = set()
+
+    # ----- lifecycle
+
+    async def start(self) -> Self:
+        """Connect and check that a llada-agent server with a started model answers; returns self."""
+        if self._client is not None:
+            return self
+        try:
+            import httpx
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ModelLoadError("connecting to a server needs httpx: pip install 'llada-agent[remote]'") from exc
+        client = httpx.AsyncClient(base_url=self.url, headers=self._headers,
+                                   timeout=httpx.Timeout(self._timeout, connect=30.0))
+        try:
+            response = await client.get("/health")
+            health = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        except (httpx.HTTPError, ValueError) as exc:
+            await client.aclose()
+            raise ModelLoadError(f"no llada-agent server answers at {self.url}: {exc}") from exc
+        if response.status_code != 200 or health.get("status") != "ok":
+            await client.aclose()
+            raise ModelLoadError(f"the server at {self.url} is not ready (HTTP {response.status_code}: "
+                                 f"{response.text[:200]!r})")
+        self.name = health.get("model")
+        self._client = client
+        return self
+
+    async def close(self) -> None:
+        """Delete the sessions this model opened on the server (best effort) and disconnect."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        for session_id in list(self._sessions):
+            with contextlib.suppress(Exception):
+                await client.delete(f"/v1/sessions/{session_id}")
+        self._sessions.clear()
+        await client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.url!r}, model={self.name!r})"
+
+    def session(self, mode: Task = "chat", *, system: str | None = None) -> RemoteSession:
+        """A new conversation on the server (opened there with its first turn); see `Model.session`."""
+        self._http()  # fail early when not connected
+        if mode not in prompts.MODES:
+            raise InvalidInputError(f"mode must be one of {', '.join(prompts.MODES)}, got {mode!r}")
+        if system is not None and not isinstance(system, str):
+            raise InvalidInputError(f"system must be a str, got {type(system).__name__}")
+        return RemoteSession(self, mode=mode, system=system)
+
+    # ----- HTTP
+
+    def _http(self) -> Any:
+        if self._client is None:
+            raise ModelClosed("the remote model is not connected; use `async with llada_agent.load(url) as model`")
+        return self._client
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JSON request; an error response raises the SDK error it stands for."""
+        import httpx
+
+        try:
+            response = await self._http().request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, exc) from exc
+        if response.status_code >= 400:
+            raise _response_error(response.status_code, response.content)
+        return response.json()
+
+    @contextlib.asynccontextmanager
+    async def _event_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        """A streamed request's Server-Sent Event payloads, as they arrive."""
+        import httpx
+
+        try:
+            async with self._http().stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    raise _response_error(response.status_code, await response.aread())
+                yield _payloads(response.aiter_lines())
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, exc) from exc
+
+
+class RemoteSession(Conversation):
+    """A conversation kept on a server; the same turns as a local `Session` (see the module docs)."""
+
+    def __init__(self, model: RemoteModel, *, mode: Task = "chat", system: str | None = None,
+                 _origin: tuple[RemoteSession, int] | None = None):
+        self.model = model
+        self.mode: Task = mode
+        self.id: str | None = None  # the server's id, once the first turn opened the session there
+        self._system = prompts.system_prompt(mode) if system is None else system
+        self._messages: list[Message] = [Message(role="system", parts=[TextPart(text=self._system)])]
+        # A fork is opened on the server, at its first turn, from (its parent, how many turns of it).
+        self._origin = _origin
+        self._stream: RemoteTurnStream | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteSession(mode={self.mode!r}, turns={len(self._messages) // 2}, id={self.id!r})"
+
+    @property
+    def system(self) -> str:
+        return self._system
+
+    @property
+    def messages(self) -> list[Message]:
+        """Every message so far, the system prompt first (user images as they were sent)."""
+        return list(self._messages)
+
+    @property
+    def busy(self) -> bool:
+        return self._stream is not None
+
+    def last_image(self) -> ImagePart | None:
+        for message in reversed(self._messages):
+            if message.images:
+                return message.images[-1]
+        return None
+
+    # ----- turns
+
+    async def send(self, content: Content, *, task: Task | None = None, options: Options | None = None,
+                   hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None) -> Reply:
+        """Run one turn on the server and return the reply (see `Session.send`; no hooks)."""
+        stream = self.stream(content, task=task, options=options, hooks=hooks, decode=decode, timeout=timeout)
+        async with stream as events:
+            async for _ in events:
+                pass
+        assert stream.reply is not None
+        return stream.reply
+
+    def stream(self, content: Content, *, task: Task | None = None, options: Options | None = None,
+               hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None,
+               ) -> RemoteTurnStream:
+        """Run one turn on the server, yielding its typed events (see `Session.stream`)."""
+        task = task or self.mode
+        if task not in prompts.MODES:
+            raise InvalidInputError(f"task must be one of {', '.join(prompts.MODES)}, got {task!r}")
+        if hooks is not None:
+            raise InvalidInputError("hooks run beside the model, so a remote session cannot call them; load the "
+                                    "checkpoint in this process to use hooks")
+        if decode is not None:
+            options = _with_decode(task, options, decode)
+        parts = _user_parts(content)
+        body: dict[str, Any] = {"content": [part.model_dump(mode="json") for part in parts], "task": task,
+                                "stream": True}
+        if options is not None:
+            # Only what the caller set: the server's defaults (and its checkpoint's recommendations) fill the rest.
+            body["options"] = options.model_dump(mode="json", exclude_unset=True)
+        if timeout is not None:
+            body["timeout"] = timeout
+        return RemoteTurnStream(self, Message(role="user", parts=parts), body)
+
+    def cancel(self) -> None:
+        """Cancel the running turn, if any: it ends with `Cancelled` and the history stays as it was."""
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def fork(self) -> RemoteSession:
+        """A new session with this one's completed turns (on the server, sharing their cached prefix)."""
+        turns = (len(self._messages) - 1) // 2
+        fork = RemoteSession(self.model, mode=self.mode, system=self._system,
+                             _origin=(self, turns) if turns else None)
+        fork._messages = list(self._messages)
+        return fork
+
+    async def delete(self) -> None:
+        """Delete the session on the server (its history is gone; a later turn starts a new one)."""
+        if self.id is not None:
+            session_id, self.id = self.id, None
+            self.model._sessions.discard(session_id)
+            await self.model._call("DELETE", f"/v1/sessions/{session_id}")
+        self._messages = self._messages[:1]
+        self._origin = None
+
+    async def _open(self) -> str:
+        """The session's id on the server, opening it there first if needed."""
+        if self.id is None:
+            if self._origin is not None:
+                parent, turns = self._origin
+                created = await self.model._call("POST", f"/v1/sessions/{await parent._open()}/fork",
+                                                 {"turns": turns})
+            else:
+                created = await self.model._call("POST", "/v1/sessions", {"mode": self.mode, "system": self._system})
+            self.id = created["id"]
+            self.model._sessions.add(self.id)
+            self._origin = None
+        return self.id
+
+
+class RemoteTurnStream:
+    """The events of one turn running on a server: an async iterator and an async context manager, like
+    `TurnStream`. Leaving early (or `cancel()`) closes the connection, which stops the turn on the server."""
+
+    _END = object()
+
+    def __init__(self, session: RemoteSession, user: Message, body: dict[str, Any]):
+        self._session = session
+        self._user = user
+        self._body = body
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._finished = False
+        self.reply: Reply | None = None
+
+    def __aiter__(self) -> RemoteTurnStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._finished:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            raise StopAsyncIteration
+        if self._task is None:
+            if self._session._stream is not None:
+                raise errors.Busy("this session is running a turn; wait for it, cancel it, or fork() the session")
+            self._session._stream = self
+            self._task = asyncio.ensure_future(self._pump())
+        item = await self._queue.get()
+        if item is not self._END:
+            return item
+        self._finished = True
+        if self._error is not None:
+            return ErrorEvent(error=type(self._error).__name__, message=str(self._error))
+        raise StopAsyncIteration
+
+    async def _pump(self) -> None:
+        """Read the turn's events off the connection into the queue; the history grows when it is done."""
+        try:
+            session_id = await self._session._open()
+            async with self._session.model._event_lines(f"/v1/sessions/{session_id}/turns", self._body) as lines:
+                async for payload in lines:
+                    event = EVENT_ADAPTER.validate_json(payload)
+                    if isinstance(event, ErrorEvent):
+                        self._error = _ERROR_NAMES.get(event.error, errors.GenerationFailed)(event.message)
+                        break
+                    if isinstance(event, TurnDone):
+                        self.reply = event.reply
+                        self._session._messages += [self._user, event.reply.message()]
+                    self._queue.put_nowait(event)
+            if self.reply is None and self._error is None:
+                self._error = errors.GenerationFailed("the server ended the turn without its reply")
+        except asyncio.CancelledError:
+            self._error = errors.Cancelled("the turn was cancelled")
+        except LLaDAError as exc:
+            self._error = exc
+        except ValueError as exc:  # an event that is not the SDK's JSON
+            self._error = errors.GenerationFailed(f"the server sent something that is not an event: {exc}")
+        finally:
+            if self._session._stream is self:
+                self._session._stream = None
+            self._queue.put_nowait(self._END)
+
+    def cancel(self) -> None:
+        """Stop the turn; iteration then ends with an `error` event and raises `Cancelled`."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the turn if it still runs (the history stays as it was) and wait until it has stopped."""
+        self._finished = True
+        self._error = None
+        if self._task is not None:
+            self.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+async def _payloads(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each Server-Sent Event (comments skipped) until `[DONE]`."""
+    async for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            return
+        yield data
+
+
+def _response_error(status: int, content: bytes) -> LLaDAError:
+    """The SDK error an error response stands for (OpenAI-shaped: `{"error": {"message", "code", ...}}`)."""
+    try:
+        error = json.loads(content)["error"]
+        message, code = str(error["message"]), error.get("code")
+    except (ValueError, KeyError, TypeError):
+        message, code = f"HTTP {status}: {content[:200]!r}", None
+    kind = _ERROR_CODES.get(code or "")
+    if kind is None:
+        kind = InvalidInputError if 400 <= status < 500 else errors.GenerationFailed
+    return kind(message)
+
+
+def _transport_error(url: str, exc: Exception) -> LLaDAError:
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return errors.Timeout(f"the server at {url} did not answer in time: {exc!r}")
+    return ModelClosed(f"lost the server at {url}: {exc!r}")
