@@ -217,3 +217,21 @@ def test_the_turns_endpoint_answers_plain_http_clients_with_the_reply(url):
         fork = http.post(f"/v1/sessions/{session_id}/fork", json={"turns": 2})
         assert fork.status_code == 400 and "turns must be" in fork.json()["error"]["message"]
         assert http.post(f"/v1/sessions/{session_id}/fork", json={"turns": 0}).json()["turns"] == 0
+
+
+def test_the_http_bench_runs_both_clients_through_the_same_conversation():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "remote.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--answer", "8"], capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["session_s"]) == len(report["stateless_s"]) == 8
+    # Turns after the first find the history in the server's cache; the stateless client re-sent all of it
+    # (its answers re-tokenised from text, so the count differs a little).
+    assert report["cache_hit_ratio"] > 0.5
+    assert report["stateless_turn8_prompt_tokens"] > 0.8 * report["turn8_prompt_tokens"]

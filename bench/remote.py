@@ -1,0 +1,144 @@
+"""The 8-turn visual conversation of bench/multiturn.py over HTTP: a remote session against a stateless
+OpenAI client, each talking to its own `llada-agent serve` server on loopback.
+
+- The session client is `llada_agent.load(url)`: its history stays on the server as exact ids, whose prefix
+  cache serves them, so each turn sends only the new message and computes only its new blocks.
+- The stateless client is what today's only server for this model offers: every turn re-sends the whole
+  conversation to `POST /v1/chat/completions` (pictures as data URIs, answers as text), and its server
+  keeps no cache across requests (`cache=False`), so it reads the pictures and prefills the history again.
+
+Both servers run the same random-weight checkpoint (the real architecture, small) in this process, one at a
+time, with a fixed answer length. Prints a line per turn, then one final JSON line:
+
+    {"turn8_speedup": x, "total_speedup": y, "cache_hit_ratio": z, ...}
+
+    python bench/remote.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llada_agent
+from bench.multiturn import PICTURE_TURNS, QUESTIONS, picture, write_checkpoint
+from llada_agent import TextOptions
+from llada_agent.server import create_app
+
+
+@contextlib.contextmanager
+def serving(model: llada_agent.Model) -> Iterator[str]:
+    """`model` served on a free loopback port in a thread; yields the URL once it answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for _ in range(1200):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def openai_content(content: list) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                      + base64.b64encode(part.png).decode()}}
+            if isinstance(part, llada_agent.ImagePart) else {"type": "text", "text": part} for part in content]
+
+
+async def with_session(url: str, contents: list[list], options: TextOptions) -> list[dict]:
+    turns = []
+    async with llada_agent.load(url) as model:
+        session = model.session(mode="chat")
+        for content in contents:
+            start = time.perf_counter()
+            reply = await session.send(content, task="chat", options=options)
+            turns.append({"s": time.perf_counter() - start, "prompt_tokens": reply.usage.prompt_tokens,
+                          "cached_tokens": reply.usage.cached_tokens})
+    return turns
+
+
+def stateless(url: str, contents: list[list], options: TextOptions) -> list[dict]:
+    turns, history = [], []
+    with httpx.Client(base_url=url, timeout=None) as http:
+        for content in contents:
+            history.append({"role": "user", "content": openai_content(content)})
+            start = time.perf_counter()
+            response = http.post("/v1/chat/completions", json={
+                "messages": history, "max_tokens": options.max_tokens, "dllm_steps": options.steps})
+            response.raise_for_status()
+            body = response.json()
+            turns.append({"s": time.perf_counter() - start, "prompt_tokens": body["usage"]["prompt_tokens"]})
+            history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+    return turns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller pictures and model")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--picture", type=int, default=512, help="picture side in pixels (a 32x32 grid at 512)")
+    parser.add_argument("--answer", type=int, default=32, help="tokens per answer")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.picture = 128, 2, 256
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    contents = [[picture(turn, args.picture), question] if turn in PICTURE_TURNS else [question]
+                for turn, question in enumerate(QUESTIONS)]
+    # Random weights never stop early: a fixed answer length keeps both clients doing equal work (the
+    # stateless server's defaults for the rest: threshold decoding would stop at the same length here).
+    options = TextOptions(max_tokens=args.answer, steps=8)
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_checkpoint(root, args.hidden, args.layers)
+        with serving(llada_agent.load(root)) as url:
+            session = asyncio.run(with_session(url, contents, options))
+        with serving(llada_agent.load(root, cache=False)) as url:
+            plain = stateless(url, contents, options)
+
+    for turn, (a, b) in enumerate(zip(session, plain), start=1):
+        print(f"turn {turn}: prompt {a['prompt_tokens']:5d} tokens ({a['cached_tokens']:5d} cached)  "
+              f"session {a['s']:6.2f} s  stateless {b['s']:6.2f} s")
+    prompt = sum(t["prompt_tokens"] for t in session)
+    print(json.dumps({
+        "turn8_speedup": round(plain[-1]["s"] / session[-1]["s"], 2),
+        "total_speedup": round(sum(t["s"] for t in plain) / sum(t["s"] for t in session), 2),
+        "cache_hit_ratio": round(sum(t["cached_tokens"] for t in session) / prompt, 3),
+        "turn8_prompt_tokens": session[-1]["prompt_tokens"],
+        "stateless_turn8_prompt_tokens": plain[-1]["prompt_tokens"],
+        "session_s": [round(t["s"], 3) for t in session],
+        "stateless_s": [round(t["s"], 3) for t in plain],
+        "config": {"hidden": args.hidden, "layers": args.layers, "picture_px": args.picture,
+                   "answer_tokens": args.answer},
+    }))
+
+
+if __name__ == "__main__":
+    main()
