@@ -56,6 +56,7 @@ from .schemas import (
     Usage,
 )
 from .session import Conversation, Session, TurnStream
+from .stateless import StatelessSession
 
 __all__ = [
     "EVENT_ADAPTER", "Accept", "Approve", "Busy", "CacheInfo", "Cancelled", "ContextLengthError", "Conversation", "Draw",
@@ -63,7 +64,7 @@ __all__ = [
     "ImageDecoded", "ImageError", "ImageOptions", "ImagePart", "ImageProgress", "ImageStarted", "ImageTokensDone",
     "InvalidInputError", "LLaDAError", "MalformedOutputError", "Message", "Model", "ModelClosed", "ModelLoadError",
     "Part", "PlanReview", "Redraw", "RemoteModel", "RemoteSession", "RemoteTurnStream", "Reply", "Revise",
-    "Session", "SessionFileError", "SessionNotFound", "Skip", "StoryOptions",
+    "Session", "SessionFileError", "SessionNotFound", "Skip", "StatelessSession", "StoryOptions",
     "TextBlock", "TextOptions", "TextPart", "ThinkOptions", "ThinkingBlock", "ThinkingPart", "Timeout",
     "TurnDone", "TurnStream", "Usage", "load",
 ]

@@ -7,8 +7,10 @@ async with llada_agent.load("http://127.0.0.1:8000") as model:
     reply = await chat.ask("What is in this picture?", image="photo.png")
 ```
 
-The server keeps each session's history as the exact token ids the model read and wrote, so a remote
-session's later turns are served from the server's prefix cache as a local session's are. Turns travel in
+A llada-agent server keeps each session's history as the exact token ids the model read and wrote, so a
+remote session's later turns are served from the server's prefix cache as a local session's are. Any other
+server of SGLang-Omni's OpenAI-compatible API gets `StatelessSession`s instead (`llada_agent.stateless`),
+which keep the history here and re-send it each turn. Turns travel in
 the SDK's own terms (`POST /v1/sessions/{id}/turns`: parts, task and options as JSON, answered by typed
 events), so `send`, `stream`, `ask`, `draw`, `edit`, `story`, `fork` and `cancel` behave as on a local
 `Session`, errors included: the server's error comes back as the same `LLaDAError` kind. What needs the
@@ -23,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, Literal
 
 from typing_extensions import Self
 
@@ -33,6 +36,9 @@ from .errors import InvalidInputError, LLaDAError, ModelClosed, ModelLoadError
 from .hooks import Hooks
 from .schemas import EVENT_ADAPTER, ErrorEvent, ImagePart, Message, Options, Reply, Task, TextPart, TurnDone
 from .session import Content, Conversation, _user_parts, _with_decode
+from .stateless import StatelessSession
+
+Protocol = Literal["auto", "sessions", "openai"]
 
 # The server's error codes (`llada_agent.server._status`) as the SDK's error kinds.
 _ERROR_CODES: dict[str, type[LLaDAError]] = {
@@ -54,12 +60,18 @@ def is_server_url(source: Any) -> bool:
 class RemoteModel:
     """A model behind a llada-agent server: makes sessions whose history and cache live on the server."""
 
-    def __init__(self, url: str, *, timeout: float | None = None, headers: dict[str, str] | None = None):
-        """`timeout`: seconds to wait for the server between two events of a turn (None: as long as the turn
-        runs; a turn's own deadline is `send(..., timeout=)`); `headers` go with every request (e.g. an
-        Authorization header for a proxy in front of the server)."""
+    def __init__(self, url: str, *, protocol: Protocol = "auto", timeout: float | None = None,
+                 headers: dict[str, str] | None = None):
+        """`protocol`: "sessions" (a llada-agent server: history and cache kept there), "openai" (any server of
+        SGLang-Omni's OpenAI-compatible API: `StatelessSession`s re-send the history), or "auto" (sessions
+        when the server has them); `timeout`: seconds to wait for the server between two events of a turn
+        (None: as long as the turn runs; a turn's own deadline is `send(..., timeout=)`); `headers` go with
+        every request (e.g. an Authorization header for a proxy in front of the server)."""
         if not is_server_url(url):
             raise InvalidInputError(f"a server URL starts with http:// or https://, got {url!r}")
+        if protocol not in ("auto", "sessions", "openai"):
+            raise InvalidInputError(f"protocol must be 'auto', 'sessions' or 'openai', got {protocol!r}")
+        self.protocol = protocol
         self.source = url
         self.url = url.rstrip("/")
         self.name: str | None = None
@@ -81,18 +93,40 @@ class RemoteModel:
         client = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                    timeout=httpx.Timeout(self._timeout, connect=30.0))
         try:
-            response = await client.get("/health")
-            health = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-        except (httpx.HTTPError, ValueError) as exc:
+            protocol, self.name = await self._handshake(client)
+        except BaseException:
             await client.aclose()
-            raise ModelLoadError(f"no llada-agent server answers at {self.url}: {exc}") from exc
-        if response.status_code != 200 or health.get("status") != "ok":
+            raise
+        if self.protocol == "sessions" and protocol != "sessions":
             await client.aclose()
-            raise ModelLoadError(f"the server at {self.url} is not ready (HTTP {response.status_code}: "
-                                 f"{response.text[:200]!r})")
-        self.name = health.get("model")
+            raise ModelLoadError(f"the server at {self.url} keeps no llada-agent sessions; use protocol='openai'")
+        self.protocol = protocol if self.protocol == "auto" else self.protocol
         self._client = client
         return self
+
+    async def _handshake(self, client: Any) -> tuple[Protocol, str | None]:
+        """What the server speaks and its model's name: a llada-agent server says both on `/health`; another
+        OpenAI-compatible server must answer `/v1/models`."""
+        import httpx
+
+        try:
+            health = await client.get("/health")
+            body = health.json() if health.headers.get("content-type", "").startswith("application/json") else {}
+            if health.status_code == 200 and body.get("status") == "ok" and "sessions" in body:
+                return "sessions", body.get("model")
+            if health.status_code == 503:
+                raise ModelLoadError(f"the server at {self.url} is not ready: {health.text[:200]!r}")
+            models = await client.get("/v1/models")
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ModelLoadError(f"no llada-agent server answers at {self.url}: {exc}") from exc
+        if models.status_code != 200:
+            raise ModelLoadError(f"the server at {self.url} is neither a llada-agent server nor OpenAI-compatible "
+                                 f"(GET /v1/models: HTTP {models.status_code})")
+        try:
+            names = [entry["id"] for entry in models.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            names = []
+        return "openai", names[0] if names else None
 
     async def close(self) -> None:
         """Delete the sessions this model opened on the server (best effort) and disconnect."""
@@ -118,13 +152,16 @@ class RemoteModel:
     def __repr__(self) -> str:
         return f"RemoteModel({self.url!r}, model={self.name!r})"
 
-    def session(self, mode: Task = "chat", *, system: str | None = None) -> RemoteSession:
-        """A new conversation on the server (opened there with its first turn); see `Model.session`."""
+    def session(self, mode: Task = "chat", *, system: str | None = None) -> RemoteSession | StatelessSession:
+        """A new conversation: on the server (opened there with its first turn), or kept here for a server
+        without sessions (`StatelessSession`); see `Model.session`."""
         self._http()  # fail early when not connected
         if mode not in prompts.MODES:
             raise InvalidInputError(f"mode must be one of {', '.join(prompts.MODES)}, got {mode!r}")
         if system is not None and not isinstance(system, str):
             raise InvalidInputError(f"system must be a str, got {type(system).__name__}")
+        if self.protocol == "openai":
+            return StatelessSession(self, mode=mode, system=system)
         return RemoteSession(self, mode=mode, system=system)
 
     # ----- HTTP
@@ -228,7 +265,7 @@ class RemoteSession(Conversation):
             body["options"] = options.model_dump(mode="json", exclude_unset=True)
         if timeout is not None:
             body["timeout"] = timeout
-        return RemoteTurnStream(self, Message(role="user", parts=parts), body)
+        return RemoteTurnStream(self, Message(role="user", parts=parts), partial(self._turn, body))
 
     def cancel(self) -> None:
         """Cancel the running turn, if any: it ends with `Cancelled` and the history stays as it was."""
@@ -252,6 +289,19 @@ class RemoteSession(Conversation):
         self._messages = self._messages[:1]
         self._origin = None
 
+    async def _turn(self, body: dict[str, Any], emit: Callable[[Any], None]) -> Reply:
+        """One turn over `POST /v1/sessions/{id}/turns`: the server's typed events, passed on as they come."""
+        session_id = await self._open()
+        async with self.model._event_lines(f"/v1/sessions/{session_id}/turns", body) as lines:
+            async for payload in lines:
+                event = EVENT_ADAPTER.validate_json(payload)
+                if isinstance(event, ErrorEvent):
+                    raise _ERROR_NAMES.get(event.error, errors.GenerationFailed)(event.message)
+                emit(event)
+                if isinstance(event, TurnDone):
+                    return event.reply
+        raise errors.GenerationFailed("the server ended the turn without its reply")
+
     async def _open(self) -> str:
         """The session's id on the server, opening it there first if needed."""
         if self.id is None:
@@ -269,14 +319,17 @@ class RemoteSession(Conversation):
 
 class RemoteTurnStream:
     """The events of one turn running on a server: an async iterator and an async context manager, like
-    `TurnStream`. Leaving early (or `cancel()`) closes the connection, which stops the turn on the server."""
+    `TurnStream`. Leaving early (or `cancel()`) closes the connection, which stops the turn on the server.
+
+    `run(emit)` does the turn's HTTP work: it emits the typed events as they arrive and returns the reply;
+    the history grows by the user's message and the reply only when it does."""
 
     _END = object()
 
-    def __init__(self, session: RemoteSession, user: Message, body: dict[str, Any]):
+    def __init__(self, session: Any, user: Message, run: Callable[[Callable[[Any], None]], Awaitable[Reply]]):
         self._session = session
         self._user = user
-        self._body = body
+        self._run = run
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -306,27 +359,16 @@ class RemoteTurnStream:
         raise StopAsyncIteration
 
     async def _pump(self) -> None:
-        """Read the turn's events off the connection into the queue; the history grows when it is done."""
         try:
-            session_id = await self._session._open()
-            async with self._session.model._event_lines(f"/v1/sessions/{session_id}/turns", self._body) as lines:
-                async for payload in lines:
-                    event = EVENT_ADAPTER.validate_json(payload)
-                    if isinstance(event, ErrorEvent):
-                        self._error = _ERROR_NAMES.get(event.error, errors.GenerationFailed)(event.message)
-                        break
-                    if isinstance(event, TurnDone):
-                        self.reply = event.reply
-                        self._session._messages += [self._user, event.reply.message()]
-                    self._queue.put_nowait(event)
-            if self.reply is None and self._error is None:
-                self._error = errors.GenerationFailed("the server ended the turn without its reply")
+            reply = await self._run(self._queue.put_nowait)
+            self._session._messages += [self._user, reply.message()]
+            self.reply = reply
         except asyncio.CancelledError:
             self._error = errors.Cancelled("the turn was cancelled")
         except LLaDAError as exc:
             self._error = exc
-        except ValueError as exc:  # an event that is not the SDK's JSON
-            self._error = errors.GenerationFailed(f"the server sent something that is not an event: {exc}")
+        except (ValueError, KeyError, TypeError) as exc:  # an answer that is not what the protocol says
+            self._error = errors.GenerationFailed(f"the server's answer is malformed: {type(exc).__name__}: {exc}")
         finally:
             if self._session._stream is self:
                 self._session._stream = None

@@ -3,6 +3,7 @@ sessions run in this process. The bundled tiny model answers, so what comes back
 meaning (the picture read back by the world's checker) as well as for exactness (the same ids)."""
 
 import asyncio
+import contextlib
 import socket
 import threading
 
@@ -32,29 +33,35 @@ PICTURE = Scene.of(Shape("circle", "red", "top-left"), Shape("square", "blue", "
 SEEDED = ImageOptions(seed=3)
 
 
-@pytest.fixture(scope="module")
-def url():
-    """A server of the bundled tiny model on a free loopback port, in a thread."""
-    model = llada_agent.load("tiny")
+@contextlib.contextmanager
+def serving(app, ready="/health"):
+    """`app` served on a free loopback port in a thread; yields its URL once `ready` answers 200."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    app = create_app(model, name="tiny", limits=ServerLimits(max_image_bytes=256 << 10))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     address = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(600):  # the server starts the model before it answers
-        try:
-            if httpx.get(f"{address}/health", timeout=5).status_code == 200:
+    for _ in range(600):  # a model server starts its model before it answers
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{address}{ready}", timeout=5).status_code == 200:
                 break
-        except httpx.HTTPError:
-            pass
         threading.Event().wait(0.1)
-    yield address
-    server.should_exit = True
-    thread.join(timeout=60)
-    sock.close()
+    try:
+        yield address
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    """A server of the bundled tiny model."""
+    app = create_app(llada_agent.load("tiny"), name="tiny", limits=ServerLimits(max_image_bytes=256 << 10))
+    with serving(app) as address:
+        yield address
 
 
 def run(scenario):
@@ -235,3 +242,89 @@ def test_the_http_bench_runs_both_clients_through_the_same_conversation():
     # (its answers re-tokenised from text, so the count differs a little).
     assert report["cache_hit_ratio"] > 0.5
     assert report["stateless_turn8_prompt_tokens"] > 0.8 * report["turn8_prompt_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A server without llada-agent sessions: the OpenAI-compatible API, the history re-sent each turn
+
+
+def test_a_stateless_session_keeps_the_history_here_and_resends_it(url):
+    async def scenario():
+        async with RemoteModel(url, protocol="openai") as remote:
+            session = remote.session(mode="chat")
+            assert isinstance(session, llada_agent.StatelessSession)
+            first = await session.ask("describe the image.", image=picture())
+            second = await session.ask("what shape is the one at the center?")
+            return session, first, second
+
+    session, first, second = run(scenario)
+    assert first.text == describe(PICTURE) and second.text == "square"
+    # The second request carried the whole conversation: its prompt holds the picture and the first answer.
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + 9
+    assert second.ids == [] and second.cache.enabled is False
+    assert [m.role for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_a_stateless_session_draws_thinks_edits_and_tells_stories(url):
+    async def scenario():
+        async with RemoteModel(url, protocol="openai") as remote:
+            draw = remote.session(mode="draw")
+            drawn = await draw.draw("draw a red circle at the top-left.", options=SEEDED)
+            edited = await draw.edit("make the red circle blue.")  # the last picture, sent back as PNG
+            think = remote.session(mode="think")
+            async with think.stream("draw a shape that is round in the color of the sky at the center.",
+                                    options=llada_agent.ThinkOptions(image=SEEDED)) as stream:
+                events = [event async for event in stream]
+            story = await remote.session(mode="story").story("tell a story in 2 frames about a red circle.",
+                                                              max_frames=2)
+            return drawn, edited, events, story
+
+    drawn, edited, events, story = run(scenario)
+    assert read_scene(drawn.image.pil()) == Scene.of(Shape("circle", "red", "top-left"))
+    assert read_scene(edited.image.pil()) == Scene.of(Shape("circle", "blue", "top-left"))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "thinking_block" and kinds[-2:] == ["image_decoded", "turn_done"]
+    thought = events[-1].reply
+    assert thought.thinking.endswith("so a blue circle at the center.")
+    assert read_scene(thought.image.pil()) == Scene.of(Shape("circle", "blue", "center"))
+    assert [type(part).__name__ for part in story.parts][:2] == ["TextPart", "ImagePart"]
+    assert 1 <= len(story.images) <= 2
+
+
+def test_a_stateless_session_refuses_what_the_api_cannot_carry(url):
+    async def scenario():
+        async with RemoteModel(url, protocol="openai") as remote:
+            session = remote.session()
+            with pytest.raises(InvalidInputError, match="threshold"):
+                await session.ask("hi", options=TextOptions(threshold=0.5))
+            with pytest.raises(InvalidInputError, match="decode"):
+                await session.draw("a circle", decode=False)
+            with pytest.raises(InvalidInputError, match="codes"):
+                await session.ask("what is this?", image=ImagePart(grid=(1, 1), codes=[3]))
+            with pytest.raises(ContextLengthError):
+                await session.ask("and now? " * 600)
+            assert len(session.messages) == 1
+
+    run(scenario)
+
+
+def test_an_openai_only_server_gets_stateless_sessions_unless_sessions_are_required():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "LLaDA2.0-Uni", "object": "model"}]})
+
+    app = Starlette(routes=[Route("/health", lambda request: PlainTextResponse("")),
+                            Route("/v1/models", models)])
+
+    async def scenario(address):
+        async with llada_agent.load(address) as remote:
+            assert remote.protocol == "openai" and remote.name == "LLaDA2.0-Uni"
+            assert isinstance(remote.session(), llada_agent.StatelessSession)
+        with pytest.raises(ModelLoadError, match="no llada-agent sessions"):
+            await RemoteModel(address, protocol="sessions").start()
+
+    with serving(app, ready="/v1/models") as address:
+        asyncio.run(scenario(address))
