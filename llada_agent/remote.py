@@ -58,7 +58,8 @@ def is_server_url(source: Any) -> bool:
 
 
 class RemoteModel:
-    """A model behind a llada-agent server: makes sessions whose history and cache live on the server."""
+    """A model behind a server: makes sessions whose history and cache live on a llada-agent server, or
+    stateless ones for any other server of the OpenAI-compatible API."""
 
     def __init__(self, url: str, *, protocol: Protocol = "auto", timeout: float | None = None,
                  headers: dict[str, str] | None = None):
@@ -83,7 +84,8 @@ class RemoteModel:
     # ----- lifecycle
 
     async def start(self) -> Self:
-        """Connect and check that a llada-agent server with a started model answers; returns self."""
+        """Connect and find out what the server speaks (see `protocol`); returns self. Raises
+        `ModelLoadError` when nothing usable answers."""
         if self._client is not None:
             return self
         try:
