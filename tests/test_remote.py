@@ -328,3 +328,24 @@ def test_an_openai_only_server_gets_stateless_sessions_unless_sessions_are_requi
 
     with serving(app, ready="/v1/models") as address:
         asyncio.run(scenario(address))
+
+
+def test_the_command_line_asks_and_draws_through_a_server(url, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    scene = tmp_path / "scene.png"
+    render(PICTURE, 96).save(scene)
+
+    def command(*args):
+        result = subprocess.run([sys.executable, "-m", "llada_agent", *args, "--model", url], capture_output=True,
+                                text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    assert describe(PICTURE) in command("ask", "describe the image.", str(scene))
+    command("draw", "a green square at the bottom-right.", "--out", str(tmp_path), "--seed", "1")
+    drawn = read_scene(Image.open(tmp_path / "draw.png").convert("RGB"))
+    assert drawn == Scene.of(Shape("square", "green", "bottom-right"))
