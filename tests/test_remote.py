@@ -349,3 +349,22 @@ def test_the_command_line_asks_and_draws_through_a_server(url, tmp_path):
     command("draw", "a green square at the bottom-right.", "--out", str(tmp_path), "--seed", "1")
     drawn = read_scene(Image.open(tmp_path / "draw.png").convert("RGB"))
     assert drawn == Scene.of(Shape("square", "green", "bottom-right"))
+
+
+def test_the_turns_endpoint_refuses_bad_turns_with_400(url):
+    with httpx.Client(base_url=url, timeout=120) as http:
+        session_id = http.post("/v1/sessions", json={"mode": "draw"}).json()["id"]
+        turn = f"/v1/sessions/{session_id}/turns"
+
+        def refused(body, words):
+            response = http.post(turn, json=body)
+            assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+
+        refused({"content": [{"type": "thinking", "text": "a plan"}]}, "thinking")
+        refused({"content": [{"type": "text", "text": "a circle"}], "options": {"cfg_text_scale": 2.0}},
+                "ImageOptions")  # an edit's option on a drawing
+        refused({"content": [{"type": "text", "text": "a circle"}], "task": "paint"}, "task")
+        refused({"content": []}, "content")
+        refused({"content": [{"type": "image", "grid": [40, 40], "codes": [0] * 1600}, {"type": "text", "text": "?"}],
+                 "task": "chat"}, "grid")
+        assert http.get(f"/v1/sessions/{session_id}").json()["turns"] == 0
