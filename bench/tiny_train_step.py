@@ -6,7 +6,8 @@ exchange, optimizer, expert balancing, saves) runs in a scratch copy of the bund
 trains a fresh model on PRETRAIN's mixture, `finetune` the bundled one on FINETUNE's. Each configuration runs
 --steps and then twice --steps from the start; the difference over --steps is the rate of steps past the
 start, without the one-off costs (starting the workers, loading) a real run of thousands of steps does not
-notice. The final JSON line gives seconds a step of each stage and team size, and the team's speed-up.
+notice. The final JSON line gives seconds a step of each stage and team size, the team's speed-up, and the
+minutes `all` spends in the two backbone stages at those rates (the vision stages come on top).
 
     python bench/tiny_train_step.py            # ~5 min on two cores
 """
@@ -57,6 +58,12 @@ def main() -> None:
         if first != last:
             report[f"{recipe.name} speed-up {first}->{last}"] = round(
                 report[f"{recipe.name}/{first}"] / report[f"{recipe.name}/{last}"], 2)
+    # What `python -m runtime.tiny.train all` spends in its backbone stages at these rates, as it runs them
+    # (a team of train.WORKERS when timed, else the last size timed); the vision stages come on top.
+    workers = train.WORKERS if train.WORKERS in args.workers else args.workers[-1]
+    stages = (train.BACKBONE_STEPS * report[f"backbone/{workers}"]
+              + train.FINETUNE_STEPS * report[f"finetune/{workers}"])
+    report["backbone stages minutes"] = round(stages / 60, 1)
     print(json.dumps({**report, "threads": args.threads}))
 
 

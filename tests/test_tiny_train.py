@@ -336,7 +336,7 @@ def test_the_training_step_bench_times_both_stages_alone_and_as_a_team_in_their_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"backbone/1", "backbone/2", "finetune/1", "finetune/2", "backbone speed-up 1->2",
-                           "finetune speed-up 1->2", "threads"}
+                           "finetune speed-up 1->2", "backbone stages minutes", "threads"}
     assert all(math.isfinite(value) for value in report.values())
     # The stages logged their own steps, alone and as a team: the bench ran the training loops, not a copy.
     for stage in ("backbone", "finetune"):
