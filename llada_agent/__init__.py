@@ -11,6 +11,7 @@ async with llada_agent.load("tiny") as model:
 ```
 """
 
+from .client import ClientSession, RemoteTurnStream
 from .errors import (
     Busy,
     Cancelled,
@@ -28,7 +29,7 @@ from .errors import (
 )
 from .hooks import Accept, Approve, Draw, Drawing, DrawPlan, Hooks, PlanReview, Redraw, Revise, Skip
 from .model import Model, load
-from .remote import RemoteModel, RemoteSession, RemoteTurnStream
+from .remote import RemoteModel, RemoteSession
 from .schemas import (
     EVENT_ADAPTER,
     CacheInfo,
@@ -59,11 +60,12 @@ from .session import Conversation, Session, TurnStream
 from .stateless import StatelessSession
 
 __all__ = [
-    "EVENT_ADAPTER", "Accept", "Approve", "Busy", "CacheInfo", "Cancelled", "ContextLengthError", "Conversation", "Draw",
-    "DrawPlan", "Drawing", "EditOptions", "ErrorEvent", "Event", "GenerationFailed", "Hooks", "ImageDecodeProgress",
-    "ImageDecoded", "ImageError", "ImageOptions", "ImagePart", "ImageProgress", "ImageStarted", "ImageTokensDone",
-    "InvalidInputError", "LLaDAError", "MalformedOutputError", "Message", "Model", "ModelClosed", "ModelLoadError",
-    "Part", "PlanReview", "Redraw", "RemoteModel", "RemoteSession", "RemoteTurnStream", "Reply", "Revise",
+    "EVENT_ADAPTER", "Accept", "Approve", "Busy", "CacheInfo", "Cancelled", "ClientSession",
+    "ContextLengthError", "Conversation", "Draw", "DrawPlan", "Drawing", "EditOptions", "ErrorEvent",
+    "Event", "GenerationFailed", "Hooks", "ImageDecodeProgress", "ImageDecoded", "ImageError",
+    "ImageOptions", "ImagePart", "ImageProgress", "ImageStarted", "ImageTokensDone", "InvalidInputError",
+    "LLaDAError", "MalformedOutputError", "Message", "Model", "ModelClosed", "ModelLoadError", "Part",
+    "PlanReview", "Redraw", "RemoteModel", "RemoteSession", "RemoteTurnStream", "Reply", "Revise",
     "Session", "SessionFileError", "SessionNotFound", "Skip", "StatelessSession", "StoryOptions",
     "TextBlock", "TextOptions", "TextPart", "ThinkOptions", "ThinkingBlock", "ThinkingPart", "Timeout",
     "TurnDone", "TurnStream", "Usage", "load",

@@ -8,23 +8,21 @@ async with llada_agent.load("http://127.0.0.1:8000") as model:
 ```
 
 A llada-agent server keeps each session's history as the exact token ids the model read and wrote, so a
-remote session's later turns are served from the server's prefix cache as a local session's are. Any other
-server of SGLang-Omni's OpenAI-compatible API gets `StatelessSession`s instead (`llada_agent.stateless`),
-which keep the history here and re-send it each turn. Turns travel in
-the SDK's own terms (`POST /v1/sessions/{id}/turns`: parts, task and options as JSON, answered by typed
-events), so `send`, `stream`, `ask`, `draw`, `edit`, `story`, `fork` and `cancel` behave as on a local
+remote session's later turns are served from the server's prefix cache as a local session's are. Turns
+travel in the SDK's own terms (`POST /v1/sessions/{id}/turns`: parts, task and options as JSON, answered by
+typed events), so `send`, `stream`, `ask`, `draw`, `edit`, `story`, `fork` and `cancel` behave as on a local
 `Session`, errors included: the server's error comes back as the same `LLaDAError` kind. What needs the
 model in this process stays local-only: hooks (they run beside the model), `save`/`load` (the history
-lives on the server), and `encode_images`/`decode_image`.
+lives on the server), and `encode_images`/`decode_image`. Any other server of SGLang-Omni's
+OpenAI-compatible API gets `StatelessSession`s instead (`llada_agent.stateless`), which keep the history
+here and re-send it each turn.
 
 Needs httpx (`pip install 'llada-agent[remote]'`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, Literal
@@ -32,25 +30,12 @@ from typing import Any, Literal
 from typing_extensions import Self
 
 from . import errors, prompts
-from .errors import InvalidInputError, LLaDAError, ModelClosed, ModelLoadError
-from .hooks import Hooks
-from .schemas import EVENT_ADAPTER, ErrorEvent, ImagePart, Message, Options, Reply, Task, TextPart, TurnDone
-from .session import Content, Conversation, _user_parts, _with_decode
+from .client import ERROR_NAMES, ClientSession, response_error, sse_payloads, transport_error
+from .errors import InvalidInputError, ModelClosed, ModelLoadError
+from .schemas import EVENT_ADAPTER, ErrorEvent, Message, Options, Reply, Task, TurnDone
 from .stateless import StatelessSession
 
 Protocol = Literal["auto", "sessions", "openai"]
-
-# The server's error codes (`llada_agent.server._status`) as the SDK's error kinds.
-_ERROR_CODES: dict[str, type[LLaDAError]] = {
-    "session_not_found": errors.SessionNotFound, "payload_too_large": InvalidInputError,
-    "context_length_exceeded": errors.ContextLengthError, "invalid_image": errors.ImageError,
-    "invalid_request": InvalidInputError, "server_busy": errors.Busy, "session_busy": errors.Busy,
-    "cancelled": errors.Cancelled, "model_unavailable": ModelClosed, "timeout": errors.Timeout,
-}
-# An `error` event names the exception's class; the SDK's own kinds come back as themselves.
-_ERROR_NAMES: dict[str, type[LLaDAError]] = {
-    name: kind for name, kind in vars(errors).items() if isinstance(kind, type) and issubclass(kind, LLaDAError)
-}
 
 
 def is_server_url(source: Any) -> bool:
@@ -180,9 +165,9 @@ class RemoteModel:
         try:
             response = await self._http().request(method, path, json=body)
         except httpx.HTTPError as exc:
-            raise _transport_error(self.url, exc) from exc
+            raise transport_error(self.url, exc) from exc
         if response.status_code >= 400:
-            raise _response_error(response.status_code, response.content)
+            raise response_error(response.status_code, response.content)
         return response.json()
 
     @contextlib.asynccontextmanager
@@ -193,73 +178,27 @@ class RemoteModel:
         try:
             async with self._http().stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
-                    raise _response_error(response.status_code, await response.aread())
-                yield _payloads(response.aiter_lines())
+                    raise response_error(response.status_code, await response.aread())
+                yield sse_payloads(response.aiter_lines())
         except httpx.HTTPError as exc:
-            raise _transport_error(self.url, exc) from exc
+            raise transport_error(self.url, exc) from exc
 
 
-class RemoteSession(Conversation):
-    """A conversation kept on a server; the same turns as a local `Session` (see the module docs)."""
+class RemoteSession(ClientSession):
+    """A conversation kept on a llada-agent server; the same turns as a local `Session` (see the module docs)."""
 
     def __init__(self, model: RemoteModel, *, mode: Task = "chat", system: str | None = None,
                  _origin: tuple[RemoteSession, int] | None = None):
-        self.model = model
-        self.mode: Task = mode
+        super().__init__(model, mode=mode, system=system)
         self.id: str | None = None  # the server's id, once the first turn opened the session there
-        self._system = prompts.system_prompt(mode) if system is None else system
-        self._messages: list[Message] = [Message(role="system", parts=[TextPart(text=self._system)])]
         # A fork is opened on the server, at its first turn, from (its parent, how many turns of it).
         self._origin = _origin
-        self._stream: RemoteTurnStream | None = None
 
     def __repr__(self) -> str:
         return f"RemoteSession(mode={self.mode!r}, turns={len(self._messages) // 2}, id={self.id!r})"
 
-    @property
-    def system(self) -> str:
-        return self._system
-
-    @property
-    def messages(self) -> list[Message]:
-        """Every message so far, the system prompt first (user images as they were sent)."""
-        return list(self._messages)
-
-    @property
-    def busy(self) -> bool:
-        return self._stream is not None
-
-    def last_image(self) -> ImagePart | None:
-        for message in reversed(self._messages):
-            if message.images:
-                return message.images[-1]
-        return None
-
-    # ----- turns
-
-    async def send(self, content: Content, *, task: Task | None = None, options: Options | None = None,
-                   hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None) -> Reply:
-        """Run one turn on the server and return the reply (see `Session.send`; no hooks)."""
-        stream = self.stream(content, task=task, options=options, hooks=hooks, decode=decode, timeout=timeout)
-        async with stream as events:
-            async for _ in events:
-                pass
-        assert stream.reply is not None
-        return stream.reply
-
-    def stream(self, content: Content, *, task: Task | None = None, options: Options | None = None,
-               hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None,
-               ) -> RemoteTurnStream:
-        """Run one turn on the server, yielding its typed events (see `Session.stream`)."""
-        task = task or self.mode
-        if task not in prompts.MODES:
-            raise InvalidInputError(f"task must be one of {', '.join(prompts.MODES)}, got {task!r}")
-        if hooks is not None:
-            raise InvalidInputError("hooks run beside the model, so a remote session cannot call them; load the "
-                                    "checkpoint in this process to use hooks")
-        if decode is not None:
-            options = _with_decode(task, options, decode)
-        parts = _user_parts(content)
+    def _request(self, task: Task, parts: list[Any], options: Options | None, timeout: float | None,
+                 ) -> tuple[Message, Callable[[Callable[[Any], None]], Awaitable[Reply]]]:
         body: dict[str, Any] = {"content": [part.model_dump(mode="json") for part in parts], "task": task,
                                 "stream": True}
         if options is not None:
@@ -267,12 +206,7 @@ class RemoteSession(Conversation):
             body["options"] = options.model_dump(mode="json", exclude_unset=True)
         if timeout is not None:
             body["timeout"] = timeout
-        return RemoteTurnStream(self, Message(role="user", parts=parts), partial(self._turn, body))
-
-    def cancel(self) -> None:
-        """Cancel the running turn, if any: it ends with `Cancelled` and the history stays as it was."""
-        if self._stream is not None:
-            self._stream.cancel()
+        return Message(role="user", parts=parts), partial(self._turn, body)
 
     def fork(self) -> RemoteSession:
         """A new session with this one's completed turns (on the server, sharing their cached prefix)."""
@@ -298,7 +232,7 @@ class RemoteSession(Conversation):
             async for payload in lines:
                 event = EVENT_ADAPTER.validate_json(payload)
                 if isinstance(event, ErrorEvent):
-                    raise _ERROR_NAMES.get(event.error, errors.GenerationFailed)(event.message)
+                    raise ERROR_NAMES.get(event.error, errors.GenerationFailed)(event.message)
                 emit(event)
                 if isinstance(event, TurnDone):
                     return event.reply
@@ -319,115 +253,3 @@ class RemoteSession(Conversation):
         return self.id
 
 
-class RemoteTurnStream:
-    """The events of one turn running on a server: an async iterator and an async context manager, like
-    `TurnStream`. Leaving early (or `cancel()`) closes the connection, which stops the turn on the server.
-
-    `run(emit)` does the turn's HTTP work: it emits the typed events as they arrive and returns the reply;
-    the history grows by the user's message and the reply only when it does."""
-
-    _END = object()
-
-    def __init__(self, session: Any, user: Message, run: Callable[[Callable[[Any], None]], Awaitable[Reply]]):
-        self._session = session
-        self._user = user
-        self._run = run
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self._finished = False
-        self.reply: Reply | None = None
-
-    def __aiter__(self) -> RemoteTurnStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._finished:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            raise StopAsyncIteration
-        if self._task is None:
-            if self._session._stream is not None:
-                raise errors.Busy("this session is running a turn; wait for it, cancel it, or fork() the session")
-            self._session._stream = self
-            self._task = asyncio.ensure_future(self._pump())
-        item = await self._queue.get()
-        if item is not self._END:
-            return item
-        self._finished = True
-        if self._error is not None:
-            return ErrorEvent(error=type(self._error).__name__, message=str(self._error))
-        raise StopAsyncIteration
-
-    async def _pump(self) -> None:
-        try:
-            reply = await self._run(self._queue.put_nowait)
-            self._session._messages += [self._user, reply.message()]
-            self.reply = reply
-        except asyncio.CancelledError:
-            self._error = errors.Cancelled("the turn was cancelled")
-        except LLaDAError as exc:
-            self._error = exc
-        except (ValueError, KeyError, TypeError) as exc:  # an answer that is not what the protocol says
-            self._error = errors.GenerationFailed(f"the server's answer is malformed: {type(exc).__name__}: {exc}")
-        finally:
-            if self._session._stream is self:
-                self._session._stream = None
-            self._queue.put_nowait(self._END)
-
-    def cancel(self) -> None:
-        """Stop the turn; iteration then ends with an `error` event and raises `Cancelled`."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-
-    async def aclose(self) -> None:
-        """Stop the turn if it still runs (the history stays as it was) and wait until it has stopped."""
-        self._finished = True
-        self._error = None
-        if self._task is not None:
-            self.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-async def _payloads(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The data of each Server-Sent Event (comments skipped) until `[DONE]`."""
-    async for line in lines:
-        if not line.startswith("data: "):
-            continue
-        data = line.removeprefix("data: ")
-        if data == "[DONE]":
-            return
-        yield data
-
-
-def _response_error(status: int, content: bytes) -> LLaDAError:
-    """The SDK error an error response stands for (OpenAI-shaped: `{"error": {"message", "code", ...}}`)."""
-    try:
-        error = json.loads(content)["error"]
-        message, code = str(error["message"]), error.get("code")
-    except (ValueError, KeyError, TypeError):
-        message, code = f"HTTP {status}: {content[:200]!r}", None
-    kind = _ERROR_CODES.get(code or "")
-    if kind is None:
-        kind = InvalidInputError if 400 <= status < 500 else errors.GenerationFailed
-    return kind(message)
-
-
-def _transport_error(url: str, exc: Exception) -> LLaDAError:
-    import httpx
-
-    if isinstance(exc, httpx.TimeoutException):
-        return errors.Timeout(f"the server at {url} did not answer in time: {exc!r}")
-    return ModelClosed(f"lost the server at {url}: {exc!r}")

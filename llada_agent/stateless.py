@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import prompts
+from .client import ClientSession, response_error
 from .errors import GenerationFailed, InvalidInputError
-from .hooks import Hooks
 from .schemas import (
     CacheInfo,
     EditOptions,
@@ -40,10 +39,9 @@ from .schemas import (
     TurnDone,
     Usage,
 )
-from .session import Content, Conversation, _user_parts, _with_decode
 
 if TYPE_CHECKING:
-    from .remote import RemoteModel, RemoteTurnStream
+    from .remote import RemoteModel
 
 # Option fields the API carries: the SDK's name -> the request's (top level for text, `image_generation`
 # for pictures). The rest of each options class has no field in the API.
@@ -61,75 +59,24 @@ _MODES: dict[str, tuple[list[str], str | None]] = {
 _FINISH = {"stop": "stop", "length": "length"}
 
 
-class StatelessSession(Conversation):
+class StatelessSession(ClientSession):
     """A conversation whose history this client keeps and re-sends each turn (see the module docs)."""
 
     def __init__(self, model: RemoteModel, *, mode: Task = "chat", system: str | None = None):
-        self.model = model
-        self.mode: Task = mode
-        self._system = prompts.system_prompt(mode) if system is None else system
-        self._messages: list[Message] = [Message(role="system", parts=[TextPart(text=self._system)])]
-        self._stream: RemoteTurnStream | None = None
+        super().__init__(model, mode=mode, system=system)
 
-    def __repr__(self) -> str:
-        return f"StatelessSession(mode={self.mode!r}, turns={len(self._messages) // 2})"
-
-    @property
-    def system(self) -> str:
-        return self._system
-
-    @property
-    def messages(self) -> list[Message]:
-        return list(self._messages)
-
-    @property
-    def busy(self) -> bool:
-        return self._stream is not None
-
-    def last_image(self) -> ImagePart | None:
-        for message in reversed(self._messages):
-            if message.images:
-                return message.images[-1]
-        return None
-
-    async def send(self, content: Content, *, task: Task | None = None, options: Options | None = None,
-                   hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None) -> Reply:
-        stream = self.stream(content, task=task, options=options, hooks=hooks, decode=decode, timeout=timeout)
-        async with stream as events:
-            async for _ in events:
-                pass
-        assert stream.reply is not None
-        return stream.reply
-
-    def stream(self, content: Content, *, task: Task | None = None, options: Options | None = None,
-               hooks: Hooks | None = None, decode: bool | None = None, timeout: float | None = None,
-               ) -> RemoteTurnStream:
-        from .remote import RemoteTurnStream
-
-        task = task or self.mode
-        if task not in prompts.MODES:
-            raise InvalidInputError(f"task must be one of {', '.join(prompts.MODES)}, got {task!r}")
-        if hooks is not None:
-            raise InvalidInputError("hooks run beside the model, so a remote session cannot call them; load the "
-                                    "checkpoint in this process to use hooks")
+    def _request(self, task: Task, parts: list[Any], options: Options | None, timeout: float | None,
+                 ) -> tuple[Message, Callable[[Callable[[Any], None]], Awaitable[Reply]]]:
         if timeout is not None:
             raise InvalidInputError("the chat completions API takes no deadline; give RemoteModel a timeout")
-        if decode is not None:
-            options = _with_decode(task, options, decode)
-        parts = _user_parts(content)
         if task == "edit" and not any(isinstance(part, ImagePart) for part in parts):
             last = self.last_image()
             if last is None:
                 raise InvalidInputError("nothing to edit: pass an image, or draw one in this session first")
-            parts.insert(0, last)
+            parts = [last, *parts]
         body = {"messages": [*_history(self._messages), _message("user", parts)], "stream": True,
                 "stream_options": {"include_usage": True}, **request_fields(task, options)}
-        return RemoteTurnStream(self, Message(role="user", parts=parts),
-                                lambda emit: self._turn(task, body, emit))
-
-    def cancel(self) -> None:
-        if self._stream is not None:
-            self._stream.cancel()
+        return Message(role="user", parts=parts), lambda emit: self._turn(task, body, emit)
 
     def fork(self) -> StatelessSession:
         """A new session with this one's history (both re-send it; the server keeps neither)."""
@@ -147,9 +94,7 @@ class StatelessSession(Conversation):
             async for payload in lines:
                 chunk = json.loads(payload)
                 if "error" in chunk:
-                    from .remote import _response_error
-
-                    raise _response_error(500, json.dumps(chunk).encode())
+                    raise response_error(500, json.dumps(chunk).encode())
                 if chunk.get("usage"):
                     usage = Usage(prompt_tokens=chunk["usage"]["prompt_tokens"],
                                   generated_tokens=chunk["usage"]["completion_tokens"],
