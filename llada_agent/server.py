@@ -627,22 +627,14 @@ class _Server:
                              "reply": reply.model_dump(mode="json")})
 
     def _check_parts(self, parts: list[Any]) -> None:
-        """Images of a turn request against the limits; codes against the vocabulary (they go straight into
-        the prompt, unlike pictures, which the image tokenizer reads)."""
+        """The images of a turn request against the limits (the session checks their codes)."""
         images = [part for part in parts if isinstance(part, ImagePart)]
         if len(images) > self.limits.max_images:
             raise InvalidInputError(f"at most {self.limits.max_images} images per request")
-        codec = self.model.codec
         for image in images:
             if image.png is not None and len(image.png) > self.limits.max_image_bytes:
                 raise PayloadTooLarge(f"an image of {len(image.png)} bytes is over the limit of "
                                       f"{self.limits.max_image_bytes} bytes")
-            if image.grid is not None:
-                if max(image.grid) > codec.max_grid:
-                    raise ImageError(f"a {image.grid[0]}x{image.grid[1]} grid is larger than the vocabulary "
-                                     f"writes ({codec.max_grid} per side)")
-                if max(image.codes) >= codec.num_image_codes:
-                    raise ImageError(f"image codes must be below {codec.num_image_codes}")
 
     async def _events(self, stream: TurnStream, session_id: str) -> AsyncIterator[str]:
         """A turn's events as Server-Sent Events of SDK event JSON: the last is `turn_done` or `error`."""

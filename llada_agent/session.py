@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from typing_extensions import Self
 
+from runtime import errors as rt_errors
+
 from . import prompts
-from .errors import Busy, InvalidInputError, LLaDAError, SessionFileError
+from .errors import Busy, ImageError, InvalidInputError, LLaDAError, SessionFileError
 from .hooks import Hooks
 from .schemas import (
     EditOptions,
@@ -234,7 +236,10 @@ class Session(Conversation):
             return codec.encode_text(part.text)
         if part.codes is None:
             raise InvalidInputError("an image part reached the prompt without codes")
-        return codec.image_span(part.grid[0], part.grid[1], part.codes)
+        try:
+            return codec.image_span(part.grid[0], part.grid[1], part.codes)
+        except rt_errors.TokenizationError as exc:  # codes given with a part, not read by this model
+            raise ImageError(f"the image's codes do not fit this model's vocabulary: {exc}") from exc
 
     def _commit(self, user: Message, user_ids: list[int], reply: Reply) -> None:
         chat = self.model.chat

@@ -230,6 +230,14 @@ def test_images_in_a_user_turn_are_read_by_the_image_tokenizer(model):
     assert [(s.height, s.width, list(s.codes)) for s in spans] == [(*image.grid, image.codes)]
 
 
+@pytest.mark.parametrize("grid,codes", [((1, 1), [10**6]), ((99, 1), [0] * 99)])
+def test_image_codes_the_vocabulary_cannot_write_are_an_image_error(model, grid, codes):
+    session = model.session()
+    with pytest.raises(llada_agent.ImageError, match="codes do not fit"):
+        run(session.ask("what is this?", image=ImagePart(grid=grid, codes=codes), options=TEXT))
+    assert len(session.messages) == 1  # nothing entered the history
+
+
 def test_a_closed_model_refuses_new_sessions(root):
     model = llada_agent.load(root)
     with pytest.raises(llada_agent.ModelClosed):
