@@ -422,6 +422,9 @@ def _check_grid(grid: tuple[int, int]) -> None:
 
 
 Options = TextOptions | ThinkOptions | ImageOptions | EditOptions | StoryOptions
+OPTIONS_OF_TASK: dict[str, type[_Model]] = {"chat": TextOptions, "draw": ImageOptions, "think": ThinkOptions,
+                                            "edit": EditOptions, "story": StoryOptions}
+"""The options class each task takes."""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .client import ClientSession, response_error
 from .errors import GenerationFailed, InvalidInputError
 from .schemas import (
+    OPTIONS_OF_TASK,
     CacheInfo,
     EditOptions,
     ImageDecoded,
@@ -161,8 +162,7 @@ def request_fields(task: Task, options: Options | None) -> dict[str, Any]:
 
 def _split(task: Task, options: Options) -> tuple[TextOptions | None, ImageOptions | EditOptions | None]:
     """The text and picture options of a turn's options object."""
-    expected = {"chat": TextOptions, "draw": ImageOptions, "think": ThinkOptions, "edit": EditOptions,
-                "story": StoryOptions}[task]
+    expected = OPTIONS_OF_TASK[task]
     if type(options) is not expected:
         raise InvalidInputError(f"a {task} turn takes {expected.__name__}, got {type(options).__name__}")
     if isinstance(options, ThinkOptions):

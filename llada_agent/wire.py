@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidInputError
-from .schemas import EditOptions, ImageOptions, Options, Part, StoryOptions, Task, TextOptions, ThinkOptions
+from .schemas import OPTIONS_OF_TASK, Options, Part, Task
 
 
 def summary(exc: ValidationError, limit: int = 3) -> str:
@@ -152,10 +152,6 @@ class ForkRequest(_Strict):
     """`POST /v1/sessions/{id}/fork`: optionally, how many of the session's turns the fork keeps."""
 
     turns: int | None = Field(default=None, ge=0)
-
-
-OPTIONS_OF_TASK: dict[str, type[BaseModel]] = {"chat": TextOptions, "draw": ImageOptions, "think": ThinkOptions,
-                                               "edit": EditOptions, "story": StoryOptions}
 
 
 def turn_options(task: Task, options: dict[str, Any] | None) -> Options | None:
