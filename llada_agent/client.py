@@ -6,18 +6,15 @@ running on a server, and the SDK errors of HTTP answers. `llada_agent.remote` (l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from typing_extensions import Self
-
 from . import errors, prompts
 from .errors import InvalidInputError, LLaDAError, ModelClosed
 from .hooks import Hooks
-from .schemas import ErrorEvent, ImagePart, Message, Options, Reply, Task, TextPart
-from .session import Content, Conversation, _user_parts, _with_decode
+from .schemas import ImagePart, Message, Options, Reply, Task, TextPart
+from .session import Content, Conversation, TurnStream, _user_parts, _with_decode
 
 # The server's error codes (`llada_agent.server._status`) as the SDK's error kinds.
 ERROR_CODES: dict[str, type[LLaDAError]] = {
@@ -104,82 +101,45 @@ class ClientSession(Conversation):
             self._stream.cancel()
 
 
-class RemoteTurnStream:
-    """The events of one turn running on a server: an async iterator and an async context manager, like
-    `TurnStream`. Leaving early (or `cancel()`) closes the connection, which stops the turn on the server.
+class RemoteTurnStream(TurnStream):
+    """The events of one turn running on a server, as `TurnStream` gives a local turn's. Leaving early (or
+    `cancel()`) closes the connection, which stops the turn on the server.
 
-    `run(emit)` does the turn's HTTP work: it emits the typed events as they arrive and returns the reply;
+    `work(emit)` does the turn's HTTP work: it emits the typed events as they arrive and returns the reply;
     the history grows by the user's message and the reply only when it does."""
 
-    _END = object()
-
-    def __init__(self, session: ClientSession, user: Message, run: Callable[[Callable[[Any], None]], Awaitable[Reply]]):
-        self._session = session
+    def __init__(self, session: ClientSession, user: Message,
+                 work: Callable[[Callable[[Any], None]], Awaitable[Reply]]):
+        super().__init__(session)
         self._user = user
-        self._run = run
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self._finished = False
-        self.reply: Reply | None = None
+        self._work = work
 
-    def __aiter__(self) -> RemoteTurnStream:
-        return self
+    def _begin(self) -> None:
+        if self._session._stream is not None:
+            raise errors.Busy("this session is running a turn; wait for it, cancel it, or fork() the session")
+        self._session._stream = self
 
-    async def __anext__(self) -> Any:
-        if self._finished:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            raise StopAsyncIteration
-        if self._task is None:
-            if self._session._stream is not None:
-                raise errors.Busy("this session is running a turn; wait for it, cancel it, or fork() the session")
-            self._session._stream = self
-            self._task = asyncio.ensure_future(self._pump())
-        item = await self._queue.get()
-        if item is not self._END:
-            return item
-        self._finished = True
-        if self._error is not None:
-            return ErrorEvent(error=type(self._error).__name__, message=str(self._error))
-        raise StopAsyncIteration
-
-    async def _pump(self) -> None:
+    async def _turn(self) -> Reply:
         try:
-            reply = await self._run(self._queue.put_nowait)
-            self._session._messages += [self._user, reply.message()]
-            self.reply = reply
+            reply = await self._work(self._put)
         except asyncio.CancelledError:
-            self._error = errors.Cancelled("the turn was cancelled")
-        except LLaDAError as exc:
-            self._error = exc
+            # `cancel()` and leaving early cancel the HTTP work: the turn ends as a cancelled local one does.
+            raise errors.Cancelled("the turn was cancelled") from None
+        except LLaDAError:  # the server's own error, already the SDK's kind (some are ValueErrors too)
+            raise
         except (ValueError, KeyError, TypeError) as exc:  # an answer that is not what the protocol says
-            self._error = errors.GenerationFailed(f"the server's answer is malformed: {type(exc).__name__}: {exc}")
-        finally:
-            if self._session._stream is self:
-                self._session._stream = None
-            self._queue.put_nowait(self._END)
+            raise errors.GenerationFailed(f"the server's answer is malformed: {type(exc).__name__}: {exc}") from exc
+        self._session._messages += [self._user, reply.message()]
+        return reply
+
+    def _end(self) -> None:
+        if self._session._stream is self:
+            self._session._stream = None
 
     def cancel(self) -> None:
         """Stop the turn; iteration then ends with an `error` event and raises `Cancelled`."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-
-    async def aclose(self) -> None:
-        """Stop the turn if it still runs (the history stays as it was) and wait until it has stopped."""
-        self._finished = True
-        self._error = None
-        if self._task is not None:
-            self.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------------

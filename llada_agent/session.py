@@ -363,7 +363,7 @@ class TurnStream:
                 raise error
             raise StopAsyncIteration
         if self._task is None:
-            self._session._begin(self._runner)
+            self._begin()
             self._task = asyncio.ensure_future(self._run())
         item = await self._queue.get()
         if item is not self._END:
@@ -375,7 +375,7 @@ class TurnStream:
 
     async def _run(self) -> Reply:
         try:
-            self.reply = await self._runner.run()
+            self.reply = await self._turn()
             return self.reply
         except asyncio.CancelledError:
             raise
@@ -383,8 +383,19 @@ class TurnStream:
             self._error = exc
             raise
         finally:
-            self._session._end(self._runner)
+            self._end()
             self._queue.put_nowait(self._END)
+
+    # What a turn is, for the stream (a remote turn is another: `llada_agent.client.RemoteTurnStream`).
+
+    def _begin(self) -> None:
+        self._session._begin(self._runner)
+
+    async def _turn(self) -> Reply:
+        return await self._runner.run()
+
+    def _end(self) -> None:
+        self._session._end(self._runner)
 
     def cancel(self) -> None:
         """Ask the turn to stop; iteration then ends with an `error` event and raises `Cancelled`."""
