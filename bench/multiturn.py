@@ -86,8 +86,9 @@ async def conversation(root: Path, size: int, options: TextOptions) -> dict:
     return {"turns": turns}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.Namespace:
+    """The command line of this bench and of bench/remote.py: the model's and the conversation's sizes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller pictures and model")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -96,6 +97,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.picture = 128, 2, 256
+    return args
+
+
+def main() -> None:
+    args = arguments(__doc__)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as folder:
@@ -105,9 +111,13 @@ def main() -> None:
         options = TextOptions(max_tokens=args.answer, steps=8, threshold=None)
         report = asyncio.run(conversation(root, args.picture, options))
 
-    turns = report["turns"]
+    print(json.dumps(summary(report["turns"], args)))
+
+
+def summary(turns: list[dict], args: argparse.Namespace) -> dict:
+    """The final JSON line of a run: turns of {session_s, stateless_s, prompt_tokens, cached_tokens}."""
     prompt = sum(t["prompt_tokens"] for t in turns)
-    print(json.dumps({
+    return {
         "turn8_speedup": round(turns[-1]["stateless_s"] / turns[-1]["session_s"], 2),
         "total_speedup": round(sum(t["stateless_s"] for t in turns) / sum(t["session_s"] for t in turns), 2),
         "cache_hit_ratio": round(sum(t["cached_tokens"] for t in turns) / prompt, 3),
@@ -117,7 +127,7 @@ def main() -> None:
         "stateless_s": [round(t["stateless_s"], 3) for t in turns],
         "config": {"hidden": args.hidden, "layers": args.layers, "picture_px": args.picture,
                    "answer_tokens": args.answer},
-    }))
+    }
 
 
 if __name__ == "__main__":

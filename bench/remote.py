@@ -17,52 +17,24 @@ time, with a fixed answer length. Prints a line per turn, then one final JSON li
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
-import contextlib
 import json
-import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llada_agent
-from bench.multiturn import PICTURE_TURNS, QUESTIONS, picture, write_checkpoint
+from bench.multiturn import PICTURE_TURNS, QUESTIONS, arguments, picture, summary, write_checkpoint
 from llada_agent import TextOptions
 from llada_agent.server import create_app
-
-
-@contextlib.contextmanager
-def serving(model: llada_agent.Model) -> Iterator[str]:
-    """`model` served on a free loopback port in a thread; yields the URL once it answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(1200):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+from llada_agent.testing import serving
 
 
 def openai_content(content: list) -> list[dict]:
@@ -99,15 +71,7 @@ def stateless(url: str, contents: list[list], options: TextOptions) -> list[dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller pictures and model")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--picture", type=int, default=512, help="picture side in pixels (a 32x32 grid at 512)")
-    parser.add_argument("--answer", type=int, default=32, help="tokens per answer")
-    args = parser.parse_args()
-    if args.quick:
-        args.hidden, args.layers, args.picture = 128, 2, 256
+    args = arguments(__doc__)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     contents = [[picture(turn, args.picture), question] if turn in PICTURE_TURNS else [question]
                 for turn, question in enumerate(QUESTIONS)]
@@ -118,26 +82,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_checkpoint(root, args.hidden, args.layers)
-        with serving(llada_agent.load(root)) as url:
+        with serving(create_app(llada_agent.load(root))) as url:
             session = asyncio.run(with_session(url, contents, options))
-        with serving(llada_agent.load(root, cache=False)) as url:
+        with serving(create_app(llada_agent.load(root, cache=False))) as url:
             plain = stateless(url, contents, options)
 
-    for turn, (a, b) in enumerate(zip(session, plain), start=1):
-        print(f"turn {turn}: prompt {a['prompt_tokens']:5d} tokens ({a['cached_tokens']:5d} cached)  "
-              f"session {a['s']:6.2f} s  stateless {b['s']:6.2f} s")
-    prompt = sum(t["prompt_tokens"] for t in session)
-    print(json.dumps({
-        "turn8_speedup": round(plain[-1]["s"] / session[-1]["s"], 2),
-        "total_speedup": round(sum(t["s"] for t in plain) / sum(t["s"] for t in session), 2),
-        "cache_hit_ratio": round(sum(t["cached_tokens"] for t in session) / prompt, 3),
-        "turn8_prompt_tokens": session[-1]["prompt_tokens"],
-        "stateless_turn8_prompt_tokens": plain[-1]["prompt_tokens"],
-        "session_s": [round(t["s"], 3) for t in session],
-        "stateless_s": [round(t["s"], 3) for t in plain],
-        "config": {"hidden": args.hidden, "layers": args.layers, "picture_px": args.picture,
-                   "answer_tokens": args.answer},
-    }))
+    turns = [{**mine, "session_s": mine["s"], "stateless_s": theirs["s"]} for mine, theirs in zip(session, plain)]
+    for number, turn in enumerate(turns, start=1):
+        print(f"turn {number}: prompt {turn['prompt_tokens']:5d} tokens ({turn['cached_tokens']:5d} cached)  "
+              f"session {turn['session_s']:6.2f} s  stateless {turn['stateless_s']:6.2f} s")
+    print(json.dumps({**summary(turns, args), "stateless_turn8_prompt_tokens": plain[-1]["prompt_tokens"]}))
 
 
 if __name__ == "__main__":

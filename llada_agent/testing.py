@@ -119,3 +119,38 @@ def scripted_text(model: Any, outputs: list[list[int]]) -> Iterator[ScriptedText
         yield scripted
     finally:
         model._engine = real
+
+
+@contextmanager
+def serving(app: Any, ready: str = "/health") -> Iterator[str]:
+    """`app` (e.g. `llada_agent.server.create_app(model)`) served on a free loopback port in a thread for the
+    block; yields its URL once `ready` answers 200. Needs the `server` extra and httpx."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 120  # a model server starts its model before it answers
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{ready}", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()

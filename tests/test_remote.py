@@ -3,13 +3,10 @@ sessions run in this process. The bundled tiny model answers, so what comes back
 meaning (the picture read back by the world's checker) as well as for exactness (the same ids)."""
 
 import asyncio
-import contextlib
 import socket
-import threading
 
 import httpx
 import pytest
-import uvicorn
 
 import llada_agent
 from llada_agent import (
@@ -27,33 +24,11 @@ from llada_agent import (
 )
 from llada_agent.hooks import Hooks
 from llada_agent.server import ServerLimits, create_app
+from llada_agent.testing import serving
 from runtime.tiny.world import Scene, Shape, describe, read_scene, render
 
 PICTURE = Scene.of(Shape("circle", "red", "top-left"), Shape("square", "blue", "center"))
 SEEDED = ImageOptions(seed=3)
-
-
-@contextlib.contextmanager
-def serving(app, ready="/health"):
-    """`app` served on a free loopback port in a thread; yields its URL once `ready` answers 200."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    address = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(600):  # a model server starts its model before it answers
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{address}{ready}", timeout=5).status_code == 200:
-                break
-        threading.Event().wait(0.1)
-    try:
-        yield address
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
