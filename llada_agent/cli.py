@@ -1,8 +1,8 @@
 """`llada-agent`: the command line — demo, chat, ask, draw, edit, story, serve.
 
 Every command takes `--model` (default "tiny": the bundled model, runs on any CPU; or a checkpoint folder in
-the official layout, a Hub id, or the URL of a `llada-agent serve` server) and `--device` / `--dtype`. Long work shows progress on stderr; answers
-go to stdout; pictures and pages are written where `--out` says.
+the official layout, a Hub id, or the URL of a `llada-agent serve` server) and `--device` / `--dtype`. Long
+work shows progress on stderr; answers go to stdout; pictures and pages are written where `--out` says.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import io
 import logging
 import threading
@@ -67,12 +68,13 @@ def load(
     `llada_agent.recommended`); options a caller sets always win.
     """
     if is_server_url(source):
-        local = {"device": str(device) != "cpu", "dtype": dtype is not None, "cache_bytes": cache_bytes != 1 << 30,
-                 "cache": cache is not True, "max_active": max_active != 16, "max_queue": max_queue != 256,
-                 "decoder_mode": decoder_mode is not None}
-        if any(local.values()):
-            raise InvalidInputError(f"{', '.join(k for k, v in local.items() if v)} are set where the model is "
-                                    f"loaded: on the server (`llada-agent serve`), not by a client of {source}")
+        given = {"device": str(device), "dtype": dtype, "cache_bytes": cache_bytes, "cache": cache,
+                 "max_active": max_active, "max_queue": max_queue, "decoder_mode": decoder_mode}
+        defaults = inspect.signature(load).parameters
+        changed = [name for name, value in given.items() if value != defaults[name].default]
+        if changed:
+            raise InvalidInputError(f"{', '.join(changed)}: set where the model is loaded, on the server "
+                                    f"(`llada-agent serve`), not by a client of {source}")
         return RemoteModel(source)
     return Model(source, device=device, dtype=dtype, cache_bytes=cache_bytes, cache=cache,
                  max_active=max_active, max_queue=max_queue, decoder_mode=decoder_mode)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .client import ClientSession, response_error
-from .errors import GenerationFailed, InvalidInputError
+from .errors import GenerationFailed, ImageError, InvalidInputError
 from .schemas import (
     OPTIONS_OF_TASK,
     CacheInfo,
@@ -41,9 +41,6 @@ from .schemas import (
     Usage,
 )
 
-if TYPE_CHECKING:
-    from .remote import RemoteModel
-
 # Option fields the API carries: the SDK's name -> the request's (top level for text, `image_generation`
 # for pictures). The rest of each options class has no field in the API.
 _TEXT_FIELDS = {"max_tokens": "max_tokens", "steps": "dllm_steps", "temperature": "temperature", "top_p": "top_p",
@@ -63,9 +60,6 @@ _FINISH = {"stop": "stop", "length": "length"}
 class StatelessSession(ClientSession):
     """A conversation whose history this client keeps and re-sends each turn (see the module docs)."""
 
-    def __init__(self, model: RemoteModel, *, mode: Task = "chat", system: str | None = None):
-        super().__init__(model, mode=mode, system=system)
-
     def _request(self, task: Task, parts: list[Any], options: Options | None, timeout: float | None,
                  ) -> tuple[Message, Callable[[Callable[[Any], None]], Awaitable[Reply]]]:
         if timeout is not None:
@@ -73,7 +67,7 @@ class StatelessSession(ClientSession):
         if task == "edit" and not any(isinstance(part, ImagePart) for part in parts):
             last = self.last_image()
             if last is None:
-                raise InvalidInputError("nothing to edit: pass an image, or draw one in this session first")
+                raise ImageError("nothing to edit: pass an image, or draw one in this session first")
             parts = [last, *parts]
         body = {"messages": [*_history(self._messages), _message("user", parts)], "stream": True,
                 "stream_options": {"include_usage": True}, **request_fields(task, options)}
